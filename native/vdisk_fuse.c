@@ -1,0 +1,828 @@
+/*
+ * vdisk native addon: a libfuse3 low-level session driven from Node's own
+ * event loop, plus the host-file calls Node lacks (fallocate, SEEK_DATA/HOLE,
+ * umount2).
+ *
+ * Transport only, no policy. The session fd is watched with uv_poll on the
+ * main thread (as QEMU's FUSE export watches it from its AioContext), each
+ * request is handed to a JS function synchronously, and JS answers later with
+ * one of the reply*() functions. There are no FUSE worker threads, so no
+ * thread hop per request and no locking.
+ *
+ * Invariants:
+ *  - every request handed to JS is answered exactly once by JS (the TS wrapper
+ *    guarantees it); if calling into JS fails, C answers EIO itself;
+ *  - write data lives in libfuse's receive buffer, which the next receive
+ *    overwrites, so it is copied into a JS Buffer before JS sees it;
+ *  - a fuse_req_t travels to JS as an external value and comes back unchanged.
+ */
+#define FUSE_USE_VERSION 35
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <node_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <uv.h>
+
+/* ---- N-API error checking (in the style of node's js-native-api common.h) ---- */
+
+static void throw_last_error(napi_env env) {
+  const napi_extended_error_info *info = NULL;
+  bool pending = false;
+  napi_get_last_error_info(env, &info);
+  napi_is_exception_pending(env, &pending);
+  if (!pending) {
+    napi_throw_error(env, "ERR_VDISK_NAPI",
+                     info && info->error_message ? info->error_message : "N-API call failed");
+  }
+}
+
+#define NAPI_CALL(env, call)                                                                   \
+  do {                                                                                         \
+    if ((call) != napi_ok) {                                                                   \
+      throw_last_error(env);                                                                   \
+      return NULL;                                                                             \
+    }                                                                                          \
+  } while (0)
+
+/* Used where no JS caller can receive an exception (libuv and libfuse callbacks). */
+#define NAPI_CHECK_GOTO(call, label)                                                           \
+  do {                                                                                         \
+    if ((call) != napi_ok) goto label;                                                         \
+  } while (0)
+
+/* Throw an Error whose .code is the errno name ("ENOENT") and .errno is -errno, like Node's fs. */
+static napi_value throw_errno(napi_env env, int err, const char *syscall) {
+  napi_value code, msg, error, errnum;
+  char text[256];
+  snprintf(text, sizeof text, "%s: %s", syscall, strerror(err));
+  if (napi_create_string_utf8(env, uv_err_name(-err), NAPI_AUTO_LENGTH, &code) != napi_ok ||
+      napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) != napi_ok ||
+      napi_create_error(env, code, msg, &error) != napi_ok ||
+      napi_create_int32(env, -err, &errnum) != napi_ok ||
+      napi_set_named_property(env, error, "errno", errnum) != napi_ok) {
+    throw_last_error(env);
+    return NULL;
+  }
+  napi_throw(env, error);
+  return NULL;
+}
+
+/* ---- argument helpers ---- */
+
+static int get_int64(napi_env env, napi_value v, int64_t *out) {
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok) return -1;
+  *out = (int64_t)d;
+  return 0;
+}
+
+static fuse_req_t get_req(napi_env env, napi_value v) {
+  void *p = NULL;
+  if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "expected a FUSE request handle");
+    return NULL;
+  }
+  return (fuse_req_t)p;
+}
+
+/* ---- the session ---- */
+
+enum {
+  OP_GETATTR,
+  OP_SETATTR,
+  OP_OPEN,
+  OP_RELEASE,
+  OP_READ,
+  OP_WRITE,
+  OP_FLUSH,
+  OP_FSYNC,
+  OP_FALLOCATE,
+  OP_LSEEK,
+  OP_STATFS,
+  OP_COUNT
+};
+
+static const char *const op_names[OP_COUNT] = {
+    "getattr", "setattr", "open",      "release", "read",  "write",
+    "flush",   "fsync",   "fallocate", "lseek",   "statfs"};
+
+typedef struct {
+  napi_env env;
+  struct fuse_session *se;
+  uv_poll_t poll;
+  struct fuse_buf buf;
+  napi_ref handlers[OP_COUNT];
+  napi_ref on_exit;
+  napi_ref resource;
+  napi_async_context async_context;
+  uint32_t max_write;
+  uint32_t max_readahead;
+  int polling;
+  int closing;
+} vd_session;
+
+static void dispatch(vd_session *s, int op, fuse_req_t req, size_t argc, napi_value *argv) {
+  napi_env env = s->env;
+  napi_value fn, global, result;
+  if (s->handlers[op] == NULL) {
+    fuse_reply_err(req, ENOSYS);
+    return;
+  }
+  NAPI_CHECK_GOTO(napi_create_external(env, req, NULL, NULL, &argv[0]), fail);
+  NAPI_CHECK_GOTO(napi_get_reference_value(env, s->handlers[op], &fn), fail);
+  NAPI_CHECK_GOTO(napi_get_global(env, &global), fail);
+  if (napi_call_function(env, global, fn, argc, argv, &result) != napi_ok) goto fail;
+  return;
+fail: {
+  /* The JS wrapper never throws; if it did, answer so the kernel request does not hang. */
+  bool pending = false;
+  napi_value exc;
+  napi_is_exception_pending(env, &pending);
+  if (pending) napi_get_and_clear_last_exception(env, &exc);
+  fprintf(stderr, "vdisk: internal error dispatching %s to JS; answered EIO\n", op_names[op]);
+  fuse_reply_err(req, EIO);
+}
+}
+
+static napi_value num(napi_env env, double d) {
+  napi_value v = NULL;
+  napi_create_double(env, d, &v);
+  return v;
+}
+
+static void ll_init(void *userdata, struct fuse_conn_info *conn) {
+  vd_session *s = userdata;
+  /* Large requests: libfuse derives max_pages from max_write. */
+  if (s->max_write && s->max_write < conn->max_write) conn->max_write = s->max_write;
+  if (s->max_readahead) conn->max_readahead = s->max_readahead;
+  conn->max_background = 64;
+  conn->congestion_threshold = 48;
+  /* O_TRUNC arrives as an open flag instead of a setattr(size=0): a disk ignores it. */
+  if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  /* All writes pass through the kernel, so its page cache stays coherent on its own;
+   * dropping it whenever mtime moves would only cost re-reads. */
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  /* Write-through: a write() returns once vdisk has it, fsync() means durable. */
+  conn->want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
+                  FUSE_CAP_SPLICE_MOVE);
+}
+
+static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  napi_value argv[1];
+  dispatch(fuse_req_userdata(req), OP_GETATTR, req, 1, argv);
+}
+
+static void ll_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                       struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_env env = s->env;
+  napi_value argv[7] = {NULL,
+                        num(env, to_set),
+                        num(env, (double)attr->st_size),
+                        num(env, attr->st_mode),
+                        num(env, attr->st_uid),
+                        num(env, attr->st_gid),
+                        num(env, (double)attr->st_mtim.tv_sec * 1e3 + attr->st_mtim.tv_nsec / 1e6)};
+  dispatch(s, OP_SETATTR, req, 7, argv);
+}
+
+static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[2] = {NULL, num(s->env, fi->flags)};
+  dispatch(s, OP_OPEN, req, 2, argv);
+}
+
+static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  napi_value argv[1];
+  dispatch(fuse_req_userdata(req), OP_RELEASE, req, 1, argv);
+}
+
+static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                    struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[3] = {NULL, num(s->env, (double)off), num(s->env, (double)size)};
+  dispatch(s, OP_READ, req, 3, argv);
+}
+
+static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[3] = {NULL, num(s->env, (double)off), NULL};
+  void *copy;
+  /* buf points into the receive buffer, which the next request overwrites. */
+  if (napi_create_buffer_copy(s->env, size, buf, &copy, &argv[2]) != napi_ok) {
+    bool pending = false;
+    napi_value exc;
+    napi_is_exception_pending(s->env, &pending);
+    if (pending) napi_get_and_clear_last_exception(s->env, &exc);
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  dispatch(s, OP_WRITE, req, 3, argv);
+}
+
+static void ll_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  napi_value argv[1];
+  dispatch(fuse_req_userdata(req), OP_FLUSH, req, 1, argv);
+}
+
+static void ll_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[2] = {NULL, num(s->env, datasync)};
+  dispatch(s, OP_FSYNC, req, 2, argv);
+}
+
+static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                         struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[4] = {NULL, num(s->env, mode), num(s->env, (double)offset),
+                        num(s->env, (double)length)};
+  dispatch(s, OP_FALLOCATE, req, 4, argv);
+}
+
+static void ll_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                     struct fuse_file_info *fi) {
+  (void)ino;
+  (void)fi;
+  vd_session *s = fuse_req_userdata(req);
+  napi_value argv[3] = {NULL, num(s->env, (double)off), num(s->env, whence)};
+  dispatch(s, OP_LSEEK, req, 3, argv);
+}
+
+static void ll_statfs(fuse_req_t req, fuse_ino_t ino) {
+  (void)ino;
+  napi_value argv[1];
+  dispatch(fuse_req_userdata(req), OP_STATFS, req, 1, argv);
+}
+
+static const struct fuse_lowlevel_ops ll_ops = {
+    .init = ll_init,
+    .getattr = ll_getattr,
+    .setattr = ll_setattr,
+    .open = ll_open,
+    .release = ll_release,
+    .read = ll_read,
+    .write = ll_write,
+    .flush = ll_flush,
+    .fsync = ll_fsync,
+    .fallocate = ll_fallocate,
+    .lseek = ll_lseek,
+    .statfs = ll_statfs,
+};
+
+/* Tell JS the session is over (unmounted, or the connection was aborted). */
+static void notify_exit(vd_session *s, int err) {
+  napi_env env = s->env;
+  napi_value fn, global, result, arg;
+  if (s->on_exit == NULL) return;
+  if (napi_get_reference_value(env, s->on_exit, &fn) != napi_ok || fn == NULL) return;
+  if (napi_get_global(env, &global) != napi_ok) return;
+  arg = num(env, err);
+  if (napi_call_function(env, global, fn, 1, &arg, &result) != napi_ok) {
+    bool pending = false;
+    napi_value exc;
+    napi_is_exception_pending(env, &pending);
+    if (pending) napi_get_and_clear_last_exception(env, &exc);
+  }
+}
+
+/* Bound the work done per wake-up so timers and completions still get their turn. */
+#define MAX_REQUESTS_PER_WAKEUP 64
+
+static void on_readable(uv_poll_t *handle, int status, int events) {
+  (void)events;
+  vd_session *s = handle->data;
+  napi_env env = s->env;
+  napi_handle_scope scope;
+  napi_callback_scope cb_scope;
+  napi_value resource;
+  int exit_err = 0, stop = 0;
+
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  /* One callback scope per wake-up: promise continuations started by the
+   * handlers run when it closes, as after any libuv callback. */
+  if (napi_get_reference_value(env, s->resource, &resource) != napi_ok ||
+      napi_open_callback_scope(env, resource, s->async_context, &cb_scope) != napi_ok) {
+    napi_close_handle_scope(env, scope);
+    return;
+  }
+  if (status < 0) {
+    exit_err = EIO;
+    stop = 1;
+  }
+  for (int i = 0; !stop && i < MAX_REQUESTS_PER_WAKEUP; i++) {
+    int res = fuse_session_receive_buf(s->se, &s->buf);
+    if (res == -EAGAIN || res == -EINTR) break;
+    if (res <= 0) {
+      if (!fuse_session_exited(s->se)) exit_err = res < 0 ? -res : EIO;
+      stop = 1;
+      break;
+    }
+    fuse_session_process_buf(s->se, &s->buf);
+    if (fuse_session_exited(s->se)) stop = 1;
+  }
+  if (stop && s->polling) {
+    uv_poll_stop(&s->poll);
+    s->polling = 0;
+    notify_exit(s, exit_err);
+  }
+  napi_close_callback_scope(env, cb_scope);
+  napi_close_handle_scope(env, scope);
+}
+
+static void on_poll_closed(uv_handle_t *handle) {
+  vd_session *s = handle->data;
+  napi_env env = s->env;
+  /* The poll handle is closed, so the fd may go now. If the kernel already ended
+   * the connection this only closes the fd; otherwise it detaches the mount. */
+  fuse_session_unmount(s->se);
+  fuse_session_destroy(s->se);
+  free(s->buf.mem);
+  for (int i = 0; i < OP_COUNT; i++)
+    if (s->handlers[i]) napi_delete_reference(env, s->handlers[i]);
+  if (s->on_exit) napi_delete_reference(env, s->on_exit);
+  if (s->resource) napi_delete_reference(env, s->resource);
+  napi_async_destroy(env, s->async_context);
+  free(s);
+}
+
+static int append_opt(char *dst, size_t cap, const char *opt) {
+  size_t len = strlen(dst);
+  int n = snprintf(dst + len, cap - len, "%s%s", len ? "," : "", opt);
+  return n < 0 || (size_t)n >= cap - len ? -1 : 0;
+}
+
+static int get_named_string(napi_env env, napi_value obj, const char *name, char *out, size_t cap) {
+  napi_value v;
+  napi_valuetype t;
+  size_t len;
+  out[0] = 0;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok) return -1;
+  if (napi_typeof(env, v, &t) != napi_ok) return -1;
+  if (t == napi_undefined) return 0;
+  if (napi_get_value_string_utf8(env, v, out, cap, &len) != napi_ok) return -1;
+  return len + 1 >= cap ? -1 : 0;
+}
+
+static int get_named_uint(napi_env env, napi_value obj, const char *name, uint32_t *out) {
+  napi_value v;
+  napi_valuetype t;
+  *out = 0;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok) return -1;
+  if (napi_typeof(env, v, &t) != napi_ok) return -1;
+  if (t == napi_undefined) return 0;
+  return napi_get_value_uint32(env, v, out) == napi_ok ? 0 : -1;
+}
+
+/*
+ * mount(mountpoint, options, handlers, onExit) -> session handle
+ * options: { fsOptions: "fsname=..,ro,allow_other,...", maxWrite, maxReadahead }
+ * handlers: { getattr(req), read(req, offset, size), ... } — missing ones answer ENOSYS.
+ */
+static napi_value js_mount(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4], result, resource_name;
+  char mountpoint[4096], fs_options[2048], opts[2300];
+  size_t len;
+  vd_session *s;
+  uv_loop_t *loop;
+  struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
+
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "mount(mountpoint, options, handlers, onExit)");
+    return NULL;
+  }
+  NAPI_CALL(env, napi_get_value_string_utf8(env, argv[0], mountpoint, sizeof mountpoint, &len));
+  if (get_named_string(env, argv[1], "fsOptions", fs_options, sizeof fs_options) < 0) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "options.fsOptions must be a short string");
+    return NULL;
+  }
+  s = calloc(1, sizeof *s);
+  if (!s) return throw_errno(env, ENOMEM, "calloc");
+  s->env = env;
+  if (get_named_uint(env, argv[1], "maxWrite", &s->max_write) < 0 ||
+      get_named_uint(env, argv[1], "maxReadahead", &s->max_readahead) < 0) {
+    free(s);
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "options.maxWrite/maxReadahead must be numbers");
+    return NULL;
+  }
+  for (int i = 0; i < OP_COUNT; i++) {
+    napi_value fn;
+    napi_valuetype t;
+    if (napi_get_named_property(env, argv[2], op_names[i], &fn) != napi_ok ||
+        napi_typeof(env, fn, &t) != napi_ok)
+      goto fail_js;
+    if (t == napi_function && napi_create_reference(env, fn, 1, &s->handlers[i]) != napi_ok)
+      goto fail_js;
+  }
+  if (napi_create_reference(env, argv[3], 1, &s->on_exit) != napi_ok) goto fail_js;
+  if (napi_create_object(env, &result) != napi_ok ||
+      napi_create_reference(env, result, 1, &s->resource) != napi_ok ||
+      napi_create_string_utf8(env, "vdisk:fuse", NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
+      napi_async_init(env, result, resource_name, &s->async_context) != napi_ok)
+    goto fail_js;
+
+  opts[0] = 0;
+  if (fs_options[0] && append_opt(opts, sizeof opts, fs_options) < 0) goto fail_js;
+  if (fuse_opt_add_arg(&args, "vdisk") < 0 || fuse_opt_add_arg(&args, "-o") < 0 ||
+      fuse_opt_add_arg(&args, opts[0] ? opts : "default_permissions") < 0) {
+    fuse_opt_free_args(&args);
+    goto fail_js;
+  }
+  s->se = fuse_session_new(&args, &ll_ops, sizeof ll_ops, s);
+  fuse_opt_free_args(&args);
+  if (!s->se) {
+    napi_throw_error(env, "ERR_VDISK_FUSE_OPTIONS", "libfuse rejected the session options");
+    goto fail_cleanup;
+  }
+  if (fuse_session_mount(s->se, mountpoint) != 0) {
+    int err = errno ? errno : EIO;
+    fuse_session_destroy(s->se);
+    s->se = NULL;
+    throw_errno(env, err, "fuse mount");
+    goto fail_cleanup;
+  }
+  {
+    int fd = fuse_session_fd(s->se);
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+        napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &s->poll, fd) != 0) {
+      fuse_session_unmount(s->se);
+      fuse_session_destroy(s->se);
+      s->se = NULL;
+      throw_errno(env, EIO, "uv_poll_init");
+      goto fail_cleanup;
+    }
+    s->poll.data = s;
+    if (uv_poll_start(&s->poll, UV_READABLE, on_readable) != 0) {
+      s->polling = 0;
+      s->closing = 1;
+      uv_close((uv_handle_t *)&s->poll, on_poll_closed);
+      throw_errno(env, EIO, "uv_poll_start");
+      return NULL;
+    }
+    s->polling = 1;
+  }
+  {
+    napi_value handle;
+    NAPI_CALL(env, napi_create_external(env, s, NULL, NULL, &handle));
+    return handle;
+  }
+
+fail_js:
+  throw_last_error(env);
+fail_cleanup:
+  for (int i = 0; i < OP_COUNT; i++)
+    if (s->handlers[i]) napi_delete_reference(env, s->handlers[i]);
+  if (s->on_exit) napi_delete_reference(env, s->on_exit);
+  if (s->resource) napi_delete_reference(env, s->resource);
+  if (s->async_context) napi_async_destroy(env, s->async_context);
+  free(s);
+  return NULL;
+}
+
+/* close(session): stop serving and release everything. Aborts the connection if
+ * the mount is still there: callers drain and detach first for a clean stop. */
+static napi_value js_close(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *p;
+  vd_session *s;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
+  s = p;
+  if (s->closing) return NULL;
+  s->closing = 1;
+  if (s->polling) uv_poll_stop(&s->poll);
+  s->polling = 0;
+  uv_close((uv_handle_t *)&s->poll, on_poll_closed);
+  return NULL;
+}
+
+/* ---- replies ---- */
+
+static napi_value js_reply_err(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t err;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_value_int32(env, argv[1], &err));
+  fuse_reply_err(req, err);
+  return NULL;
+}
+
+/* replyRead(req, buffers[]): the kernel copies straight out of the JS buffers. */
+#define MAX_REPLY_IOV 256
+static napi_value js_reply_read(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  uint32_t n;
+  struct iovec iov[MAX_REPLY_IOV];
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
+  if (n > MAX_REPLY_IOV) {
+    fuse_reply_err(req, EIO);
+    napi_throw_range_error(env, "ERR_VDISK_ARG", "too many buffers in one read reply");
+    return NULL;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value b;
+    NAPI_CALL(env, napi_get_element(env, argv[1], i, &b));
+    if (napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len) != napi_ok) {
+      fuse_reply_err(req, EIO);
+      throw_last_error(env);
+      return NULL;
+    }
+  }
+  fuse_reply_iov(req, iov, (int)n);
+  return NULL;
+}
+
+static napi_value js_reply_write(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int64_t count;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_value_int64(env, argv[1], &count));
+  fuse_reply_write(req, (size_t)count);
+  return NULL;
+}
+
+static napi_value js_reply_lseek(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int64_t off;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_value_int64(env, argv[1], &off));
+  fuse_reply_lseek(req, (off_t)off);
+  return NULL;
+}
+
+/* replyOpen(req, directIo, keepCache) */
+static napi_value js_reply_open(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  bool direct_io, keep_cache;
+  struct fuse_file_info fi;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_value_bool(env, argv[1], &direct_io));
+  NAPI_CALL(env, napi_get_value_bool(env, argv[2], &keep_cache));
+  memset(&fi, 0, sizeof fi);
+  fi.direct_io = direct_io;
+  fi.keep_cache = keep_cache;
+  fuse_reply_open(req, &fi);
+  return NULL;
+}
+
+/* replyAttr(req, [size, blocks, blksize, mode, uid, gid, atimeMs, mtimeMs, ctimeMs], timeoutSec) */
+static napi_value js_reply_attr(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  double f[9], timeout;
+  struct stat st;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  for (uint32_t i = 0; i < 9; i++) {
+    napi_value v;
+    NAPI_CALL(env, napi_get_element(env, argv[1], i, &v));
+    NAPI_CALL(env, napi_get_value_double(env, v, &f[i]));
+  }
+  NAPI_CALL(env, napi_get_value_double(env, argv[2], &timeout));
+  memset(&st, 0, sizeof st);
+  st.st_ino = FUSE_ROOT_ID;
+  st.st_nlink = 1;
+  st.st_size = (off_t)f[0];
+  st.st_blocks = (blkcnt_t)f[1];
+  st.st_blksize = (blksize_t)f[2];
+  st.st_mode = (mode_t)f[3];
+  st.st_uid = (uid_t)f[4];
+  st.st_gid = (gid_t)f[5];
+  st.st_atim.tv_sec = (time_t)(f[6] / 1e3);
+  st.st_atim.tv_nsec = (long)((f[6] - (double)st.st_atim.tv_sec * 1e3) * 1e6);
+  st.st_mtim.tv_sec = (time_t)(f[7] / 1e3);
+  st.st_mtim.tv_nsec = (long)((f[7] - (double)st.st_mtim.tv_sec * 1e3) * 1e6);
+  st.st_ctim.tv_sec = (time_t)(f[8] / 1e3);
+  st.st_ctim.tv_nsec = (long)((f[8] - (double)st.st_ctim.tv_sec * 1e3) * 1e6);
+  fuse_reply_attr(req, &st, timeout);
+  return NULL;
+}
+
+/* replyStatfs(req, [bsize, blocks, bfree, bavail, files, ffree, namemax]) */
+static napi_value js_reply_statfs(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  double f[7];
+  struct statvfs sv;
+  fuse_req_t req;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  for (uint32_t i = 0; i < 7; i++) {
+    napi_value v;
+    NAPI_CALL(env, napi_get_element(env, argv[1], i, &v));
+    NAPI_CALL(env, napi_get_value_double(env, v, &f[i]));
+  }
+  memset(&sv, 0, sizeof sv);
+  sv.f_bsize = sv.f_frsize = (unsigned long)f[0];
+  sv.f_blocks = (fsblkcnt_t)f[1];
+  sv.f_bfree = (fsblkcnt_t)f[2];
+  sv.f_bavail = (fsblkcnt_t)f[3];
+  sv.f_files = (fsfilcnt_t)f[4];
+  sv.f_ffree = sv.f_favail = (fsfilcnt_t)f[5];
+  sv.f_namemax = (unsigned long)f[6];
+  fuse_reply_statfs(req, &sv);
+  return NULL;
+}
+
+/* ---- host-file calls Node lacks, run on the libuv thread pool ---- */
+
+enum { HOST_FALLOCATE, HOST_LSEEK, HOST_UMOUNT };
+
+typedef struct {
+  int kind;
+  int fd;
+  int mode; /* fallocate mode, lseek whence, umount2 flags */
+  int64_t offset;
+  int64_t length;
+  char *path;
+  int64_t result;
+  int err;
+  napi_deferred deferred;
+  napi_async_work work;
+} host_call;
+
+static void host_execute(napi_env env, void *data) {
+  (void)env;
+  host_call *c = data;
+  switch (c->kind) {
+  case HOST_FALLOCATE:
+    do c->result = fallocate(c->fd, c->mode, (off_t)c->offset, (off_t)c->length);
+    while (c->result < 0 && errno == EINTR);
+    break;
+  case HOST_LSEEK:
+    c->result = lseek(c->fd, (off_t)c->offset, c->mode);
+    break;
+  case HOST_UMOUNT:
+    c->result = umount2(c->path, c->mode);
+    break;
+  }
+  c->err = c->result < 0 ? errno : 0;
+}
+
+static void host_complete(napi_env env, napi_status status, void *data) {
+  host_call *c = data;
+  static const char *const names[] = {"fallocate", "lseek", "umount2"};
+  napi_value v;
+  if (status != napi_ok) c->err = ECANCELED;
+  if (c->err == 0 && napi_create_double(env, (double)c->result, &v) == napi_ok) {
+    napi_resolve_deferred(env, c->deferred, v);
+  } else {
+    napi_value code, msg, error, errnum;
+    char text[256];
+    int err = c->err ? c->err : EIO;
+    snprintf(text, sizeof text, "%s: %s", names[c->kind], strerror(err));
+    if (napi_create_string_utf8(env, uv_err_name(-err), NAPI_AUTO_LENGTH, &code) == napi_ok &&
+        napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) == napi_ok &&
+        napi_create_error(env, code, msg, &error) == napi_ok &&
+        napi_create_int32(env, -err, &errnum) == napi_ok &&
+        napi_set_named_property(env, error, "errno", errnum) == napi_ok) {
+      napi_reject_deferred(env, c->deferred, error);
+    } else {
+      napi_get_undefined(env, &v);
+      napi_reject_deferred(env, c->deferred, v);
+    }
+  }
+  napi_delete_async_work(env, c->work);
+  free(c->path);
+  free(c);
+}
+
+static napi_value queue_host_call(napi_env env, host_call *c) {
+  napi_value promise, name;
+  if (napi_create_promise(env, &c->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "vdisk:host", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, host_execute, host_complete, c, &c->work) != napi_ok ||
+      napi_queue_async_work(env, c->work) != napi_ok) {
+    /* If the promise was made it stays pending forever; throwing is the honest answer. */
+    free(c->path);
+    free(c);
+    throw_last_error(env);
+    return NULL;
+  }
+  return promise;
+}
+
+/* fallocate(fd, mode, offset, length) -> Promise<0> */
+static napi_value js_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  host_call *c;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(c = calloc(1, sizeof *c))) return throw_errno(env, ENOMEM, "calloc");
+  c->kind = HOST_FALLOCATE;
+  if (napi_get_value_int32(env, argv[0], &c->fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &c->mode) != napi_ok ||
+      get_int64(env, argv[2], &c->offset) < 0 || get_int64(env, argv[3], &c->length) < 0) {
+    free(c);
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "fallocate(fd, mode, offset, length)");
+    return NULL;
+  }
+  return queue_host_call(env, c);
+}
+
+/* lseek(fd, offset, whence) -> Promise<offset>; SEEK_DATA/SEEK_HOLE past the data reject ENXIO */
+static napi_value js_lseek(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  host_call *c;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(c = calloc(1, sizeof *c))) return throw_errno(env, ENOMEM, "calloc");
+  c->kind = HOST_LSEEK;
+  if (napi_get_value_int32(env, argv[0], &c->fd) != napi_ok ||
+      get_int64(env, argv[1], &c->offset) < 0 ||
+      napi_get_value_int32(env, argv[2], &c->mode) != napi_ok) {
+    free(c);
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "lseek(fd, offset, whence)");
+    return NULL;
+  }
+  return queue_host_call(env, c);
+}
+
+/* umount(path, flags) -> Promise<0>. On a worker thread: unmounting our own
+ * mount from the thread that serves it could wait on itself. */
+static napi_value js_umount(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  size_t len;
+  host_call *c;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(c = calloc(1, sizeof *c))) return throw_errno(env, ENOMEM, "calloc");
+  c->kind = HOST_UMOUNT;
+  c->path = malloc(4096);
+  if (!c->path || napi_get_value_string_utf8(env, argv[0], c->path, 4096, &len) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &c->mode) != napi_ok) {
+    free(c->path);
+    free(c);
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "umount(path, flags)");
+    return NULL;
+  }
+  return queue_host_call(env, c);
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  static const struct {
+    const char *name;
+    napi_callback fn;
+  } fns[] = {
+      {"mount", js_mount},           {"close", js_close},
+      {"replyErr", js_reply_err},    {"replyRead", js_reply_read},
+      {"replyWrite", js_reply_write}, {"replyLseek", js_reply_lseek},
+      {"replyOpen", js_reply_open},  {"replyAttr", js_reply_attr},
+      {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},
+      {"lseek", js_lseek},           {"umount", js_umount},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value fn;
+    NAPI_CALL(env, napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &fn));
+    NAPI_CALL(env, napi_set_named_property(env, exports, fns[i].name, fn));
+  }
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
