@@ -162,6 +162,8 @@ static void ll_init(void *userdata, struct fuse_conn_info *conn) {
   vd_session *s = userdata;
   /* Large requests: libfuse derives max_pages from max_write. */
   if (s->max_write && s->max_write < conn->max_write) conn->max_write = s->max_write;
+  /* Must equal the max_read mount option, which the TS side sets to maxWrite. */
+  if (s->max_write) conn->max_read = s->max_write;
   if (s->max_readahead) conn->max_readahead = s->max_readahead;
   conn->max_background = 64;
   conn->congestion_threshold = 48;

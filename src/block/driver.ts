@@ -1,0 +1,65 @@
+/**
+ * The driver contract. A driver is one open image (or protocol) instance; the
+ * generic request layer (io.ts) is the only caller of these methods and
+ * guarantees, for every call:
+ *  - offset and bytes are multiples of `limits.requestAlignment`;
+ *  - bytes > 0 and bytes <= `limits.maxTransfer` (reads and writes);
+ *  - the range lies within `size()`;
+ *  - `iov` holds exactly `bytes` bytes; the buffers may be the client's own memory.
+ * Optional operations may be absent, or throw a VdiskError with code ENOTSUP,
+ * and the request layer emulates them (QEMU's -ENOTSUP convention).
+ */
+
+export interface BlockLimits {
+  /** Every request reaching the driver is aligned to this (power of two). */
+  requestAlignment: number;
+  /** Largest read/write handed to the driver in one call. */
+  maxTransfer: number;
+  /** Preferred alignment of write-zeroes (e.g. the cluster size). */
+  pwriteZeroesAlignment: number;
+  /** Largest single write-zeroes call. */
+  maxPwriteZeroes: number;
+  /** Discards are rounded inward to this. */
+  pdiscardAlignment: number;
+  /** Largest single discard call. */
+  maxPdiscard: number;
+}
+
+export interface ZeroFlags {
+  /** The node may free the space (the range must still read as zero). */
+  mayUnmap?: boolean;
+}
+
+/** Status of a prefix of the asked range, as the driver sees it. */
+export interface DriverBlockStatus {
+  /** Length of the prefix this answer covers (> 0, aligned, at most what was asked). */
+  bytes: number;
+  /** This node itself defines the content (false: it comes from the backing node). */
+  allocated: boolean;
+  /** The range reads as zero. */
+  zero: boolean;
+  /** The range is backed by data in this node's storage. */
+  data: boolean;
+  /** Where the data lives in the node's host file, when that is meaningful. */
+  hostOffset?: number;
+}
+
+export interface BlockDriver {
+  /** Format or protocol name as users write it: 'raw', 'qcow2', 'memory', 'blkdebug'. */
+  readonly formatName: string;
+  /** Limits this driver needs; missing ones take the defaults in limits.ts. */
+  readonly limits: Partial<BlockLimits>;
+  readonly readOnly: boolean;
+
+  /** Virtual size in bytes; a multiple of limits.requestAlignment. */
+  size(): number;
+  preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void>;
+  pwritev?(offset: number, bytes: number, iov: Buffer[]): Promise<void>;
+  pwriteZeroes?(offset: number, bytes: number, flags: ZeroFlags): Promise<void>;
+  pdiscard?(offset: number, bytes: number): Promise<void>;
+  blockStatus?(offset: number, bytes: number): Promise<DriverBlockStatus>;
+  flush?(): Promise<void>;
+  /** Bytes of host storage the node really uses (st_blocks of the export). */
+  allocatedBytes?(): Promise<number>;
+  close(): Promise<void>;
+}

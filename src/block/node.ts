@@ -1,0 +1,86 @@
+/**
+ * A node of the block graph: one driver instance plus what the generic layer
+ * keeps for it (limits, tracked requests, the in-flight count, the backing
+ * link and per-node policy). Chains are top -> backing -> ...; nothing assumes
+ * a chain of one.
+ */
+import type { BlockDriver, BlockLimits } from './driver.js';
+import { resolveLimits } from './limits.js';
+import { RequestTracker } from './tracked-requests.js';
+
+export type DetectZeroes = 'off' | 'on' | 'unmap';
+export type DiscardMode = 'ignore' | 'unmap';
+
+export interface NodeOptions {
+  /** A name for traces and messages (the file name, usually). */
+  name?: string;
+  backing?: BlockNode | null;
+  /** Turn writes of all-zero data into write-zeroes (with unmap if 'unmap'). */
+  detectZeroes?: DetectZeroes;
+  /** 'ignore' drops discards and never unmaps on write-zeroes (QEMU's discard=ignore). */
+  discard?: DiscardMode;
+}
+
+export class BlockNode {
+  readonly driver: BlockDriver;
+  readonly name: string;
+  readonly limits: BlockLimits;
+  readonly tracker = new RequestTracker();
+  backing: BlockNode | null;
+  detectZeroes: DetectZeroes;
+  discard: DiscardMode;
+  private inFlight = 0;
+  private drainWaiters: Array<() => void> = [];
+
+  constructor(driver: BlockDriver, options: NodeOptions = {}) {
+    this.driver = driver;
+    this.name = options.name ?? driver.formatName;
+    this.limits = resolveLimits(driver);
+    this.backing = options.backing ?? null;
+    this.detectZeroes = options.detectZeroes ?? 'off';
+    this.discard = options.discard ?? 'unmap';
+    const size = driver.size();
+    if (size % this.limits.requestAlignment !== 0) {
+      throw new RangeError(`${this.name}: size ${size} is not a multiple of its request alignment`);
+    }
+  }
+
+  get readOnly(): boolean {
+    return this.driver.readOnly;
+  }
+
+  size(): number {
+    return this.driver.size();
+  }
+
+  /** @internal request-layer bookkeeping (io.ts). */
+  incInFlight(): void {
+    this.inFlight++;
+  }
+
+  /** @internal */
+  decInFlight(): void {
+    if (--this.inFlight === 0 && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** Resolves once no request is in flight on this node. */
+  drain(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** Drain, close the driver, then the backing chain below. */
+  async close(): Promise<void> {
+    await this.drain();
+    await this.driver.close();
+    if (this.backing) await this.backing.close();
+  }
+}

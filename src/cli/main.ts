@@ -1,0 +1,40 @@
+#!/usr/bin/env node
+/** The vdisk command line. */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { VdiskError } from '../errors.js';
+import { createOptions, runCreate } from './create.js';
+import { infoOptions, runInfo } from './info.js';
+import { mapOptions, runMap } from './map.js';
+import { mountOptions, runMount } from './mount.js';
+import { runUnmount, unmountOptions } from './unmount.js';
+import { exitCodeOf, reportError } from './util.js';
+
+async function main(argv: string[]): Promise<void> {
+  await yargs(argv)
+    .scriptName('vdisk')
+    .usage('$0 <command> [options]\n\nMount a virtual disk image as one regular file through FUSE.')
+    .command('mount <image> <mountpoint>', 'serve an image as one file until Ctrl-C or `vdisk unmount`', mountOptions, runMount)
+    .command('unmount <mountpoint>', 'unmount a vdisk mount (also one left by a crashed process)', unmountOptions, runUnmount)
+    .command('create <file> <size>', 'create a new sparse image', createOptions, runCreate)
+    .command('info <file>', 'show format, virtual size and disk usage of an image', infoOptions, runInfo)
+    .command('map <file>', 'show which ranges hold data or read as zero', mapOptions, runMap)
+    .example('$0 create disk.img 10G', 'a sparse 10 GiB raw image')
+    .example('touch disk.view && $0 mount disk.img disk.view', 'serve it on disk.view (Ctrl-C unmounts)')
+    .example('fallocate -p -o 1M -l 4M disk.view', 'discard: the range reads as zero and frees space')
+    .demandCommand(1, 'name a command')
+    .strict()
+    .help()
+    .alias('h', 'help')
+    .version()
+    .wrap(Math.min(110, process.stdout.columns || 100))
+    .fail((msg, err) => {
+      throw err ?? new VdiskError('ERR_USAGE', `${msg} (see vdisk --help)`);
+    })
+    .parseAsync();
+}
+
+main(hideBin(process.argv)).catch((err: unknown) => {
+  reportError(err);
+  process.exitCode = exitCodeOf(err);
+});

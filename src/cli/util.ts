@@ -1,0 +1,37 @@
+/** Shared CLI helpers: sizes, output, and the one-line error convention. */
+import { VdiskError, codeOf } from '../errors.js';
+
+const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
+
+/** "10G", "512M", "1.5GiB", "4096" -> bytes (binary units, as qemu-img). */
+export function parseSize(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?\s*$/i.exec(text);
+  const unit = UNITS[(m?.[2] ?? '').toLowerCase()];
+  if (!m || unit === undefined) throw new VdiskError('ERR_USAGE', `bad size '${text}' (examples: 1073741824, 512M, 10G)`);
+  const bytes = Math.round(Number(m[1]) * unit);
+  if (!Number.isSafeInteger(bytes)) throw new VdiskError('ERR_USAGE', `size '${text}' is too large`);
+  return bytes;
+}
+
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${bytes} B` : `${v.toFixed(v < 10 ? 2 : 1).replace(/\.0+$/, '')} ${units[i]}`;
+}
+
+/** One line on stderr with a stable code; the stack only when DEBUG is set. */
+export function reportError(err: unknown): void {
+  const code = codeOf(err);
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`vdisk: error ${code}: ${message}\n`);
+  if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+}
+
+export function exitCodeOf(err: unknown): number {
+  return err instanceof VdiskError && err.code === 'ERR_USAGE' ? 2 : 1;
+}

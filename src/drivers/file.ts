@@ -1,0 +1,194 @@
+/**
+ * raw: an image that is a host file, byte for byte. Reads and writes are
+ * positional vectored calls on the libuv pool; write-zeroes and discard use
+ * fallocate and block status uses SEEK_DATA/SEEK_HOLE, through the addon
+ * (Node has neither).
+ */
+import fs from 'node:fs';
+import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.js';
+import { VdiskError, notSupported } from '../errors.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, SEEK_DATA, SEEK_HOLE, native } from '../native.js';
+import { tracer } from '../trace.js';
+
+const trace = tracer('raw');
+
+export interface FileOpenOptions {
+  readOnly?: boolean;
+}
+
+function readv(fd: number, iov: Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.readv(fd, iov, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+function writev(fd: number, iov: Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.writev(fd, iov, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+function fstat(fd: number): Promise<fs.Stats> {
+  return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
+}
+
+function isUnsupported(err: unknown): boolean {
+  const code = (err as { code?: string }).code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'EINVAL';
+}
+
+/** Skip the first `n` bytes of an iov (views, no copies). */
+function iovAdvance(iov: Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of iov) {
+    if (n >= b.length) {
+      n -= b.length;
+      continue;
+    }
+    out.push(n ? b.subarray(n) : b);
+    n = 0;
+  }
+  return out;
+}
+
+export class FileDriver implements BlockDriver {
+  readonly formatName = 'raw';
+  readonly limits = { requestAlignment: 1, maxTransfer: 64 * 1024 * 1024 };
+  readonly readOnly: boolean;
+  readonly path: string;
+  private fd: number;
+  private bytes: number;
+  // Learnt once per file: which fallocate modes the host filesystem refuses.
+  private canZeroRange = true;
+  private canPunchHole = true;
+  private canSeekData = true;
+
+  private constructor(path: string, fd: number, size: number, readOnly: boolean) {
+    this.path = path;
+    this.fd = fd;
+    this.bytes = size;
+    this.readOnly = readOnly;
+  }
+
+  static async open(path: string, options: FileOpenOptions = {}): Promise<FileDriver> {
+    const readOnly = options.readOnly ?? false;
+    let fd: number;
+    try {
+      fd = await new Promise<number>((resolve, reject) =>
+        fs.open(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, (err, n) => (err ? reject(err) : resolve(n))),
+      );
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`, { cause: err });
+      if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${path}${readOnly ? '' : ' for writing'}: permission denied`, { cause: err });
+      if (code === 'EROFS') throw new VdiskError('EROFS', `${path} is on a read-only filesystem (use --read-only)`, { cause: err });
+      throw err;
+    }
+    const st = await fstat(fd);
+    if (!st.isFile()) {
+      fs.closeSync(fd);
+      throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
+    }
+    trace('open path=%s size=%d readOnly=%s', path, st.size, readOnly);
+    return new FileDriver(path, fd, st.size, readOnly);
+  }
+
+  size(): number {
+    return this.bytes;
+  }
+
+  async preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    let done = 0;
+    while (done < bytes) {
+      const rest = done ? iovAdvance(iov, done) : iov;
+      const n = await readv(this.fd, rest, offset + done);
+      if (n === 0) {
+        // The file shrank under us: what is past its end reads as zero.
+        for (const b of rest) b.fill(0);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  async pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    let done = 0;
+    while (done < bytes) {
+      done += await writev(this.fd, done ? iovAdvance(iov, done) : iov, offset + done);
+    }
+  }
+
+  async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
+    const addon = native();
+    if (flags.mayUnmap && (await this.tryPunchHole(offset, bytes))) return;
+    if (this.canZeroRange) {
+      try {
+        await addon.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+        return;
+      } catch (err) {
+        if (!isUnsupported(err)) throw err;
+        trace('ZERO_RANGE unsupported on %s; trying PUNCH_HOLE', this.path);
+        this.canZeroRange = false;
+      }
+    }
+    if (await this.tryPunchHole(offset, bytes)) {
+      // Not asked to unmap: take the space back so later writes cannot fail with ENOSPC.
+      if (!flags.mayUnmap) await addon.fallocate(this.fd, 0, offset, bytes).catch(() => undefined);
+      return;
+    }
+    throw notSupported('fallocate on this filesystem');
+  }
+
+  async pdiscard(offset: number, bytes: number): Promise<void> {
+    if (!(await this.tryPunchHole(offset, bytes))) throw notSupported('punching holes on this filesystem');
+  }
+
+  private async tryPunchHole(offset: number, bytes: number): Promise<boolean> {
+    if (!this.canPunchHole) return false;
+    try {
+      await native().fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes);
+      return true;
+    } catch (err) {
+      if (!isUnsupported(err)) throw err;
+      trace('PUNCH_HOLE unsupported on %s', this.path);
+      this.canPunchHole = false;
+      return false;
+    }
+  }
+
+  async blockStatus(offset: number, bytes: number): Promise<DriverBlockStatus> {
+    const all: DriverBlockStatus = { bytes, allocated: true, zero: false, data: true, hostOffset: offset };
+    if (!this.canSeekData) return all;
+    const addon = native();
+    let data: number;
+    try {
+      data = await addon.lseek(this.fd, offset, SEEK_DATA);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'ENXIO') return { bytes, allocated: true, zero: true, data: false };
+      if (isUnsupported(err)) {
+        this.canSeekData = false;
+        return all;
+      }
+      throw err;
+    }
+    if (data > offset) return { bytes: Math.min(bytes, data - offset), allocated: true, zero: true, data: false };
+    const hole = await addon.lseek(this.fd, offset, SEEK_HOLE);
+    return { ...all, bytes: Math.max(1, Math.min(bytes, hole - offset)) };
+  }
+
+  async flush(): Promise<void> {
+    await fdatasync(this.fd);
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await fstat(this.fd)).blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    if (this.fd < 0) return;
+    const fd = this.fd;
+    this.fd = -1;
+    await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+  }
+}

@@ -1,0 +1,347 @@
+/**
+ * The FUSE export: one regular file whose contents are the virtual disk.
+ * Each file operation becomes block requests on the top node; this is the
+ * only place where errors become errno values.
+ *
+ * Semantics (docs/FUSE.md has the user-facing version):
+ * - The mountpoint is an existing regular file; it is the disk while mounted.
+ * - The size is fixed. Reads past the end return 0 bytes; a write that starts
+ *   at or past the end fails with ENOSPC and one that crosses it is cut short,
+ *   as on a block device. O_TRUNC is ignored (as on a block device), so
+ *   `cp image mountpoint` overwrites in place; truncate to another size is EINVAL.
+ * - fallocate: ZERO_RANGE (with or without KEEP_SIZE) is write-zeroes;
+ *   PUNCH_HOLE|KEEP_SIZE is write-zeroes that may unmap, so the range always
+ *   reads as zero afterwards, whatever the backing chain holds; mode 0 and
+ *   KEEP_SIZE alone succeed inside the disk (every byte is already there) and
+ *   fail with ENOSPC past its end; other modes are EOPNOTSUPP.
+ * - SEEK_DATA/SEEK_HOLE use block status above the chain; ranges that read as
+ *   zero are holes; SEEK_DATA past the last data gives ENXIO.
+ * - Page cache: kept (keep_cache, stable mtime, write-through), so repeated
+ *   reads come from the kernel, and mmap and loop devices work. --direct-io
+ *   sends every read and write to vdisk instead.
+ */
+import { constants as fsConstants } from 'node:fs';
+import type { BlockNode } from '../block/node.js';
+import * as io from '../block/io.js';
+import { blockStatusAbove } from '../block/block-status.js';
+import { VdiskError, errnoOf } from '../errors.js';
+import { MNT_DETACH, native, type FuseReq, type FuseSessionHandle, type NativeAddon } from '../native.js';
+import { SEEK_DATA, SEEK_HOLE } from '../native.js';
+import { tracer } from '../trace.js';
+import { checkMountpoint, setReadahead } from './mountpoint.js';
+import { constants as osConstants } from 'node:os';
+
+const trace = tracer('fuse');
+const E = osConstants.errno;
+
+const O_ACCMODE = 3;
+const FALLOC_KEEP_SIZE = 0x01;
+const FALLOC_PUNCH_HOLE = 0x02;
+const FALLOC_ZERO_RANGE = 0x10;
+
+const SET_ATTR_MODE = 1 << 0;
+const SET_ATTR_UID = 1 << 1;
+const SET_ATTR_GID = 1 << 2;
+const SET_ATTR_SIZE = 1 << 3;
+const SET_ATTR_MTIME = 1 << 5;
+const SET_ATTR_MTIME_NOW = 1 << 8;
+
+/** Largest read or write the kernel sends (max_write, max_read, max_pages). */
+export const FUSE_MAX_IO_BYTES = 1024 * 1024;
+
+export interface ExportOptions {
+  mountpoint: string;
+  readOnly?: boolean;
+  /** Let other users open the file (mode 0644 instead of 0600; needs user_allow_other for non-root). */
+  allowOther?: boolean;
+  /** Bypass the kernel page cache. */
+  directIo?: boolean;
+  /** Kernel readahead for the mount, KiB (the kernel default is 128). */
+  readaheadKiB?: number;
+  /** fsname shown in /proc/mounts. */
+  fsname?: string;
+}
+
+export interface ExportStats {
+  reads: number;
+  bytesRead: number;
+  writes: number;
+  bytesWritten: number;
+  errors: number;
+}
+
+type Reply = () => void;
+
+export class FuseExport {
+  readonly node: BlockNode;
+  readonly mountpoint: string;
+  readonly stats: ExportStats = { reads: 0, bytesRead: 0, writes: 0, bytesWritten: 0, errors: 0 };
+  /** Resolves when the kernel ends the session (unmounted or aborted). */
+  readonly ended: Promise<number>;
+  private readonly addon: NativeAddon;
+  private readonly options: ExportOptions;
+  private session: FuseSessionHandle | null = null;
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
+  private endedResolve!: (errno: number) => void;
+  private closing: Promise<void> | null = null;
+  private mode: number;
+  private uid = process.getuid?.() ?? 0;
+  private gid = process.getgid?.() ?? 0;
+  private mtimeMs = Date.now();
+  private ctimeMs = this.mtimeMs;
+
+  private constructor(node: BlockNode, options: ExportOptions) {
+    this.node = node;
+    this.options = options;
+    this.mountpoint = options.mountpoint;
+    this.addon = native();
+    const perm = options.allowOther ? 0o644 : 0o600;
+    this.mode = fsConstants.S_IFREG | (options.readOnly || node.readOnly ? perm & 0o444 : perm);
+    this.ended = new Promise((resolve) => (this.endedResolve = resolve));
+  }
+
+  /** Mount `node` on `options.mountpoint` and start serving on this event loop. */
+  static async start(node: BlockNode, options: ExportOptions): Promise<FuseExport> {
+    const mountpoint = await checkMountpoint(options.mountpoint);
+    const exp = new FuseExport(node, { ...options, mountpoint });
+    exp.mount();
+    try {
+      await setReadahead(mountpoint, options.readaheadKiB ?? 1024);
+    } catch (err) {
+      trace('readahead not raised: %s', (err as Error).message);
+    }
+    return exp;
+  }
+
+  private get readOnly(): boolean {
+    return Boolean(this.options.readOnly) || this.node.readOnly;
+  }
+
+  private mount(): void {
+    const fsname = (this.options.fsname ?? `vdisk:${this.node.name}`).replace(/[,\\]/g, '_');
+    const opts = [`fsname=${fsname}`, 'subtype=vdisk', 'default_permissions', `max_read=${FUSE_MAX_IO_BYTES}`];
+    if (this.readOnly) opts.push('ro');
+    if (this.options.allowOther) opts.push('allow_other');
+    trace('mount mountpoint=%s options=%s', this.mountpoint, opts.join(','));
+    try {
+      this.session = this.addon.mount(
+        this.mountpoint,
+        { fsOptions: opts.join(','), maxWrite: FUSE_MAX_IO_BYTES, maxReadahead: FUSE_MAX_IO_BYTES },
+        this.handlers(),
+        (errno) => {
+          trace('session ended errno=%d', errno);
+          this.endedResolve(errno);
+        },
+      );
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'EACCES' || code === 'EPERM') {
+        throw new VdiskError('ERR_FUSE_MOUNT', `cannot mount on ${this.mountpoint}: permission denied (root, or fusermount3 with user_allow_other for --allow-other)`, { cause: err });
+      }
+      throw new VdiskError('ERR_FUSE_MOUNT', `cannot mount on ${this.mountpoint}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  /**
+   * Stop serving. Without `force`, the mount is detached first and vdisk keeps
+   * answering until the last open file is closed, so nothing in flight is lost;
+   * with `force`, open files see ENOTCONN from now on. Either way every request
+   * already handed to vdisk is answered and the image is flushed before return.
+   */
+  async stop(force = false): Promise<void> {
+    if (!force && this.session) {
+      try {
+        await this.addon.umount(this.mountpoint, MNT_DETACH);
+      } catch (err) {
+        // EINVAL: not mounted any more (someone else unmounted it); the session ends on its own.
+        if ((err as { code?: string }).code !== 'EINVAL') throw err;
+      }
+      await this.ended;
+    }
+    await this.close();
+  }
+
+  /** Answer what is in flight, flush the image, release the session. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await this.idle();
+      try {
+        if (!this.readOnly) await io.flush(this.node);
+      } finally {
+        if (this.session) this.addon.close(this.session);
+        this.session = null;
+        this.endedResolve(0);
+      }
+    })();
+    return this.closing;
+  }
+
+  private idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /**
+   * Run one request: `work` resolves to the reply to send. The reply is sent
+   * exactly once, outside the error path, so a failing reply is never followed
+   * by a second one.
+   */
+  private serve(req: FuseReq, op: string, work: () => Promise<Reply>): void {
+    this.inFlight++;
+    work()
+      .then(
+        (reply) => reply(),
+        (err: unknown) => {
+          const errno = errnoOf(err);
+          if (errno !== E.ENXIO) this.stats.errors++;
+          trace('%s failed errno=%d: %s', op, errno, (err as Error)?.message);
+          if (errno === E.EIO) process.stderr.write(`vdisk: ${op} failed: ${(err as Error)?.message ?? err}\n`);
+          this.addon.replyErr(req, errno);
+        },
+      )
+      .catch((err: unknown) => process.stderr.write(`vdisk: internal error answering ${op}: ${(err as Error)?.message}\n`))
+      .finally(() => {
+        if (--this.inFlight === 0 && this.idleWaiters.length) {
+          const waiters = this.idleWaiters;
+          this.idleWaiters = [];
+          for (const w of waiters) w();
+        }
+      });
+  }
+
+  private fail(code: 'EROFS' | 'ENOSPC' | 'EINVAL' | 'ENOTSUP' | 'ENXIO', message: string): never {
+    throw new VdiskError(code, message);
+  }
+
+  private async attrReply(req: FuseReq): Promise<Reply> {
+    const size = this.node.size();
+    const allocated = (await this.node.driver.allocatedBytes?.()) ?? size;
+    const blksize = Math.max(4096, this.node.limits.requestAlignment);
+    const attr = [size, Math.ceil(allocated / 512), blksize, this.mode, this.uid, this.gid, this.mtimeMs, this.mtimeMs, this.ctimeMs];
+    // Timeout 0: st_blocks moves with every write and punch, and `du` must see it.
+    return () => this.addon.replyAttr(req, attr, 0);
+  }
+
+  private handlers() {
+    const addon = this.addon;
+    const node = this.node;
+    return {
+      getattr: (req: FuseReq) => this.serve(req, 'getattr', () => this.attrReply(req)),
+
+      setattr: (req: FuseReq, toSet: number, size: number, mode: number, uid: number, gid: number, mtimeMs: number) =>
+        this.serve(req, 'setattr', async () => {
+          if (toSet & SET_ATTR_SIZE) {
+            if (this.readOnly) this.fail('EROFS', 'read-only export');
+            if (size !== node.size()) this.fail('EINVAL', `the disk has a fixed size of ${node.size()} bytes; truncate to ${size} refused`);
+          }
+          if (toSet & SET_ATTR_MODE) this.mode = fsConstants.S_IFREG | (mode & 0o7777);
+          if (toSet & SET_ATTR_UID) this.uid = uid;
+          if (toSet & SET_ATTR_GID) this.gid = gid;
+          if (toSet & SET_ATTR_MTIME_NOW) this.mtimeMs = Date.now();
+          else if (toSet & SET_ATTR_MTIME) this.mtimeMs = mtimeMs;
+          this.ctimeMs = Date.now();
+          return this.attrReply(req);
+        }),
+
+      open: (req: FuseReq, flags: number) =>
+        this.serve(req, 'open', async () => {
+          if (this.readOnly && (flags & O_ACCMODE) !== fsConstants.O_RDONLY) this.fail('EROFS', 'read-only export');
+          const directIo = Boolean(this.options.directIo);
+          return () => addon.replyOpen(req, directIo, !directIo);
+        }),
+
+      release: (req: FuseReq) => this.serve(req, 'release', async () => () => addon.replyErr(req, 0)),
+
+      read: (req: FuseReq, offset: number, size: number) =>
+        this.serve(req, 'read', async () => {
+          const bytes = Math.max(0, Math.min(size, node.size() - offset));
+          if (bytes === 0) return () => addon.replyRead(req, []);
+          const buf = Buffer.allocUnsafe(bytes);
+          await io.preadv(node, offset, bytes, [buf]);
+          this.stats.reads++;
+          this.stats.bytesRead += bytes;
+          return () => addon.replyRead(req, [buf]);
+        }),
+
+      write: (req: FuseReq, offset: number, data: Buffer) =>
+        this.serve(req, 'write', async () => {
+          if (this.readOnly) this.fail('EROFS', 'read-only export');
+          const size = node.size();
+          if (offset >= size) this.fail('ENOSPC', `write at ${offset} is past the end of the disk (${size} bytes)`);
+          const bytes = Math.min(data.length, size - offset);
+          await io.pwritev(node, offset, bytes, [bytes === data.length ? data : data.subarray(0, bytes)]);
+          this.stats.writes++;
+          this.stats.bytesWritten += bytes;
+          this.mtimeMs = this.ctimeMs = Date.now();
+          return () => addon.replyWrite(req, bytes);
+        }),
+
+      // close(2) promises no durability; fsync does.
+      flush: (req: FuseReq) => this.serve(req, 'flush', async () => () => addon.replyErr(req, 0)),
+
+      fsync: (req: FuseReq) =>
+        this.serve(req, 'fsync', async () => {
+          await io.flush(node);
+          return () => addon.replyErr(req, 0);
+        }),
+
+      fallocate: (req: FuseReq, mode: number, offset: number, length: number) =>
+        this.serve(req, 'fallocate', async () => {
+          await this.fallocate(mode, offset, length);
+          return () => addon.replyErr(req, 0);
+        }),
+
+      lseek: (req: FuseReq, offset: number, whence: number) =>
+        this.serve(req, 'lseek', async () => {
+          const pos = await this.seekDataHole(offset, whence);
+          return () => addon.replyLseek(req, pos);
+        }),
+
+      statfs: (req: FuseReq) =>
+        this.serve(req, 'statfs', async () => {
+          const bsize = 4096;
+          const blocks = Math.ceil(node.size() / bsize);
+          const used = Math.ceil(((await node.driver.allocatedBytes?.()) ?? node.size()) / bsize);
+          const free = Math.max(0, blocks - used);
+          return () => addon.replyStatfs(req, [bsize, blocks, free, free, 1, 0, 255]);
+        }),
+    };
+  }
+
+  private async fallocate(mode: number, offset: number, length: number): Promise<void> {
+    if (this.readOnly) this.fail('EROFS', 'read-only export');
+    if (mode & ~(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE)) this.fail('ENOTSUP', `fallocate mode 0x${mode.toString(16)} is not supported`);
+    if (offset < 0 || length <= 0) this.fail('EINVAL', 'fallocate needs offset >= 0 and length > 0');
+    const size = this.node.size();
+    const end = Math.min(offset + length, size);
+    const keepSize = (mode & FALLOC_KEEP_SIZE) !== 0;
+    if (mode & FALLOC_PUNCH_HOLE) {
+      // Linux requires KEEP_SIZE with PUNCH_HOLE, and PUNCH_HOLE excludes ZERO_RANGE.
+      if (!keepSize || mode & FALLOC_ZERO_RANGE) this.fail('ENOTSUP', 'PUNCH_HOLE needs KEEP_SIZE and excludes ZERO_RANGE');
+      // Discard alone leaves the contents undefined (a backing node may show
+      // through); write-zeroes that may unmap leaves zeroes, as on a Linux file.
+      if (offset < end) await io.pwriteZeroes(this.node, offset, end - offset, { mayUnmap: true });
+      return;
+    }
+    if (!keepSize && offset + length > size) this.fail('ENOSPC', `the disk has a fixed size of ${size} bytes and cannot grow`);
+    if (mode & FALLOC_ZERO_RANGE) {
+      if (offset < end) await io.pwriteZeroes(this.node, offset, end - offset, { mayUnmap: false });
+    }
+    // Plain allocation inside the disk: every byte is already addressable, nothing to do.
+  }
+
+  private async seekDataHole(offset: number, whence: number): Promise<number> {
+    if (whence !== SEEK_DATA && whence !== SEEK_HOLE) this.fail('EINVAL', `lseek whence ${whence}`);
+    const size = this.node.size();
+    if (offset < 0 || offset >= size) this.fail('ENXIO', `offset ${offset} is at or past the end`);
+    for (let pos = offset; pos < size; ) {
+      const st = await blockStatusAbove(this.node, pos, size - pos);
+      if (whence === SEEK_DATA ? !st.zero : st.zero) return pos;
+      pos += st.bytes;
+    }
+    // SEEK_DATA in a trailing hole has no answer: ENXIO, as on Linux files (cp relies on it).
+    if (whence === SEEK_DATA) this.fail('ENXIO', 'no data after this offset');
+    return size;
+  }
+}
