@@ -2,7 +2,32 @@
 import type { Argv } from 'yargs';
 import { openImage } from '../block/open.js';
 import { FuseExport } from '../export/fuse-export.js';
-import { formatSize } from './util.js';
+import { BlockNode } from '../block/node.js';
+import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
+import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
+import { formatSize, parseSize } from './util.js';
+
+const INJECT_OPS = ['read', 'write', 'zero', 'discard', 'flush', 'status'];
+
+/** "read:EIO@1M+4096*2" -> a blkdebug rule. */
+export function parseInjectRule(text: string): BlkdebugRule {
+  const m = /^(\w+):(\w+)(?:@([^+*]+)(?:\+([^*]+))?)?(?:\*(\d+))?$/.exec(text);
+  if (!m || !INJECT_OPS.includes(m[1]!) || !(m[2]! in ERROR_TABLE)) {
+    throw new VdiskError('ERR_USAGE', `bad --inject '${text}' (form OP:CODE[@OFFSET[+BYTES]][*COUNT], e.g. read:EIO@1M+4096)`);
+  }
+  const rule: BlkdebugRule = { op: m[1] as BlkdebugOp, error: m[2] as ErrorCode };
+  if (m[3] !== undefined) rule.offset = parseSize(m[3]);
+  if (m[4] !== undefined) rule.bytes = parseSize(m[4]);
+  if (m[5] !== undefined) rule.count = Number(m[5]);
+  return rule;
+}
+
+/** Put a blkdebug filter on top; per-node policy moves up with it. */
+function withFaults(image: BlockNode, rules: BlkdebugRule[]): BlockNode {
+  const top = new BlockNode(new BlkdebugDriver(image, rules), { name: image.name, detectZeroes: image.detectZeroes, discard: image.discard });
+  image.detectZeroes = 'off';
+  return top;
+}
 
 export interface MountArgs {
   image: string;
@@ -15,6 +40,7 @@ export interface MountArgs {
   'direct-io': boolean;
   'readahead-kb': number;
   stats: boolean;
+  inject: string[];
 }
 
 export function mountOptions(y: Argv): Argv<MountArgs> {
@@ -28,12 +54,19 @@ export function mountOptions(y: Argv): Argv<MountArgs> {
     .option('detect-zeroes', { choices: ['off', 'on', 'unmap'] as const, default: 'off' as const, describe: 'turn writes of all-zero data into write-zeroes (unmap: and free the space)' })
     .option('direct-io', { type: 'boolean', default: false, describe: 'bypass the kernel page cache (every read reaches vdisk)' })
     .option('readahead-kb', { type: 'number', default: 1024, describe: 'kernel readahead for the mount in KiB (root only)' })
-    .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit' }) as unknown as Argv<MountArgs>;
+    .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit' })
+    .option('inject', {
+      type: 'string',
+      array: true,
+      default: [],
+      describe: 'fault injection for testing: OP:CODE[@OFFSET[+BYTES]][*COUNT], OP one of read|write|zero|discard|flush|status, e.g. read:EIO@1048576+4096',
+    }) as unknown as Argv<MountArgs>;
 }
 
 export async function runMount(args: MountArgs): Promise<void> {
   const openOptions = { readOnly: args['read-only'], detectZeroes: args['detect-zeroes'], discard: args.discard };
-  const node = await openImage(args.image, args.format ? { ...openOptions, format: args.format } : openOptions);
+  const image = await openImage(args.image, args.format ? { ...openOptions, format: args.format } : openOptions);
+  const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
   let exp: FuseExport;
   try {
     exp = await FuseExport.start(node, {

@@ -1,0 +1,64 @@
+import { describe, expect, it } from 'vitest';
+import { BlockNode } from '../../src/block/node.js';
+import * as io from '../../src/block/io.js';
+import { MAX_ZERO_BOUNCE_BYTES } from '../../src/block/limits.js';
+import { MemoryDriver } from '../../src/drivers/memory.js';
+
+const GiB = 1024 ** 3;
+const TiB = 1024 ** 4;
+
+describe('write-zeroes', () => {
+  it('falls back to writing zeroes from one bounded buffer: 64 GiB in constant memory', async () => {
+    // A 1 TiB null device with 4 KiB alignment and no native write-zeroes.
+    const driver = new MemoryDriver({ size: TiB, keepData: false, limits: { requestAlignment: 4096, maxTransfer: 16 * 1024 * 1024 } });
+    const node = new BlockNode(driver);
+    global.gc?.();
+    const before = process.memoryUsage();
+    await io.pwriteZeroes(node, 100, 64 * GiB);
+    const after = process.memoryUsage();
+    expect(driver.bytesWritten).toBe(64 * GiB + 4096); // plus the RMW head and tail blocks
+    expect(driver.largestWriteBuffer).toBeLessThanOrEqual(MAX_ZERO_BOUNCE_BYTES);
+    expect(after.rss - before.rss).toBeLessThan(64 * 1024 * 1024);
+    expect(after.arrayBuffers - before.arrayBuffers).toBeLessThan(16 * 1024 * 1024);
+  });
+
+  it('uses the native zero operation when the driver has one and falls back only when it says ENOTSUP', async () => {
+    const driver = new MemoryDriver({ size: 64 * 1024 * 1024, nativeZeroes: true, limits: { requestAlignment: 4096 } });
+    const node = new BlockNode(driver);
+    await io.pwritev(node, 0, 1024 * 1024, [Buffer.alloc(1024 * 1024, 0xaa)]);
+    driver.bytesWritten = 0;
+    await io.pwriteZeroes(node, 4096, 512 * 1024);
+    expect(driver.bytesWritten).toBe(0);
+    const back = Buffer.alloc(1024 * 1024);
+    await io.preadv(node, 0, back.length, [back]);
+    expect(back.subarray(0, 4096).every((b) => b === 0xaa)).toBe(true);
+    expect(back.subarray(4096, 4096 + 512 * 1024).every((b) => b === 0)).toBe(true);
+    expect(back.subarray(4096 + 512 * 1024).every((b) => b === 0xaa)).toBe(true);
+  });
+
+  it('zeroes unaligned heads and tails inside their blocks, keeping the neighbours', async () => {
+    const driver = new MemoryDriver({ size: 1024 * 1024, limits: { requestAlignment: 4096 } });
+    const node = new BlockNode(driver);
+    await io.pwritev(node, 0, 65536, [Buffer.alloc(65536, 0x55)]);
+    await io.pwriteZeroes(node, 1, 1);
+    await io.pwriteZeroes(node, 4095, 4098);
+    await io.pwriteZeroes(node, 20000, 511);
+    const back = Buffer.alloc(65536);
+    await io.preadv(node, 0, back.length, [back]);
+    const expected = Buffer.alloc(65536, 0x55);
+    expected.fill(0, 1, 2);
+    expected.fill(0, 4095, 4095 + 4098);
+    expected.fill(0, 20000, 20511);
+    expect(back.equals(expected)).toBe(true);
+  });
+
+  it('detect-zeroes turns all-zero writes into write-zeroes', async () => {
+    const driver = new MemoryDriver({ size: 1024 * 1024, nativeZeroes: true });
+    const node = new BlockNode(driver, { detectZeroes: 'unmap' });
+    await io.pwritev(node, 0, 65536, [Buffer.alloc(65536)]);
+    expect(driver.bytesWritten).toBe(0);
+    expect(await driver.allocatedBytes()).toBe(0);
+    await io.pwritev(node, 0, 65536, [Buffer.alloc(65536, 1)]);
+    expect(driver.bytesWritten).toBe(65536);
+  });
+});
