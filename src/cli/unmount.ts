@@ -1,6 +1,7 @@
 /** `vdisk unmount`: end a vdisk mount, also one whose process died. */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import type { Argv } from 'yargs';
 import { VdiskError } from '../errors.js';
 import { mountedPaths } from '../export/mountpoint.js';
@@ -28,9 +29,10 @@ function fusermount(mountpoint: string, lazy: boolean): Promise<void> {
 }
 
 export async function runUnmount(args: UnmountArgs): Promise<void> {
+  // Resolve the directory, not the file: a mount whose server died answers ENOTCONN to any lookup.
   let real: string;
   try {
-    real = await fs.realpath(args.mountpoint);
+    real = path.join(await fs.realpath(path.dirname(path.resolve(args.mountpoint))), path.basename(args.mountpoint));
   } catch {
     throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} does not exist`);
   }

@@ -27,7 +27,7 @@ export function formatSize(bytes: number): string {
 /** One line on stderr with a stable code; the stack only when DEBUG is set. */
 export function reportError(err: unknown): void {
   const code = codeOf(err);
-  const message = err instanceof Error ? err.message : String(err);
+  const message = (err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' ');
   process.stderr.write(`vdisk: error ${code}: ${message}\n`);
   if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
 }

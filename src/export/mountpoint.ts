@@ -1,5 +1,6 @@
 /** Checks on the mountpoint before mounting, and the kernel readahead of the mount. */
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import { constants as fsConstants } from 'node:fs';
 import { VdiskError } from '../errors.js';
 
@@ -19,15 +20,22 @@ export async function mountedPaths(): Promise<Map<string, string>> {
 
 /** The absolute mountpoint, once it is known to be a regular file that is free to mount on. */
 export async function checkMountpoint(mountpoint: string): Promise<string> {
-  let real: string;
+  // Check for a mount before touching the file: a dead FUSE mount answers ENOTCONN to everything.
+  let real = path.resolve(mountpoint);
   try {
-    real = await fs.realpath(mountpoint);
+    real = path.join(await fs.realpath(path.dirname(real)), path.basename(real));
   } catch {
-    throw new VdiskError('ERR_MOUNTPOINT', `mountpoint ${mountpoint} does not exist (create an empty file there first)`);
+    throw new VdiskError('ERR_MOUNTPOINT', `the directory of mountpoint ${mountpoint} does not exist`);
   }
   const mounted = await mountedPaths();
   if (mounted.has(real)) throw new VdiskError('ERR_ALREADY_MOUNTED', `${mountpoint} is already mounted (${mounted.get(real)}); vdisk unmount it first`);
-  const st = await fs.stat(real);
+  let st;
+  try {
+    real = await fs.realpath(real);
+    st = await fs.stat(real);
+  } catch {
+    throw new VdiskError('ERR_MOUNTPOINT', `mountpoint ${mountpoint} does not exist (create an empty file there first)`);
+  }
   if (!st.isFile()) throw new VdiskError('ERR_MOUNTPOINT', `mountpoint ${mountpoint} is not a regular file (vdisk mounts the disk as one file)`);
   try {
     await fs.access('/dev/fuse', fsConstants.R_OK | fsConstants.W_OK);

@@ -29,7 +29,7 @@ export function tmpdir(prefix = 'vdisk-test-'): string {
 }
 
 export function isMounted(mountpoint: string): boolean {
-  const real = fs.realpathSync(mountpoint);
+  const real = path.join(fs.realpathSync(path.dirname(path.resolve(mountpoint))), path.basename(mountpoint));
   return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === real);
 }
 
