@@ -807,6 +807,39 @@ static napi_value js_umount(napi_env env, napi_callback_info info) {
   return queue_host_call(env, c);
 }
 
+/*
+ * preadvNoWait(fd, buffers[], offset) -> bytes read, or -errno.
+ * preadv2(RWF_NOWAIT) on the calling (main) thread: it only copies what is
+ * already in the host page cache and answers -EAGAIN instead of waiting for
+ * the disk. A cached read then costs no thread-pool round trip; the caller
+ * reads the rest asynchronously.
+ */
+static napi_value js_preadv_nowait(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  int32_t fd;
+  int64_t offset;
+  uint32_t n;
+  struct iovec iov[MAX_REPLY_IOV];
+  ssize_t res;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
+  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
+  if (get_int64(env, argv[2], &offset) < 0 || n > MAX_REPLY_IOV) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "preadvNoWait(fd, buffers, offset)");
+    return NULL;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value b;
+    NAPI_CALL(env, napi_get_element(env, argv[1], i, &b));
+    NAPI_CALL(env, napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len));
+  }
+  do res = preadv2(fd, iov, (int)n, (off_t)offset, RWF_NOWAIT);
+  while (res < 0 && errno == EINTR);
+  NAPI_CALL(env, napi_create_double(env, res < 0 ? -(double)errno : (double)res, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static const struct {
     const char *name;
@@ -818,6 +851,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyOpen", js_reply_open},  {"replyAttr", js_reply_attr},
       {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},
       {"lseek", js_lseek},           {"umount", js_umount},
+      {"preadvNoWait", js_preadv_nowait},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

@@ -37,6 +37,8 @@ export interface NativeAddon {
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
   lseek(fd: number, offset: number, whence: number): Promise<number>;
   umount(path: string, flags: number): Promise<number>;
+  /** Synchronous preadv2(RWF_NOWAIT): bytes read from the page cache, or -errno (-EAGAIN: not cached). */
+  preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
