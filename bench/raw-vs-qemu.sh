@@ -82,25 +82,28 @@ fio_iops() { # mountpoint iodepth rw
 }
 
 declare -A results
-measure() { # name start_fn
-  local name=$1 start=$2 mnt="$work/mnt-$1"
-  for run in $(seq "$RUNS"); do
-    cat "$img" >/dev/null # host page cache warm for both servers
-    $start "$mnt"
-    drop_mount_cache "$mnt"
-    results[$name,seqread,$run]=$(dd_rate if="$mnt" of=/dev/null bs=1M)
-    results[$name,seqwrite,$run]=$(dd_rate if=/dev/shm/vdisk-bench-src of="$mnt" bs=1M conv=notrunc,fsync)
-    results[$name,randread1,$run]=$(fio_iops "$mnt" 1 randread)
-    results[$name,randread16,$run]=$(fio_iops "$mnt" 16 randread)
-    stop_server
-    echo "bench: $name run $run: seqread ${results[$name,seqread,$run]} MB/s, seqwrite ${results[$name,seqwrite,$run]} MB/s, randread QD1 ${results[$name,randread1,$run]} IOPS, QD16 ${results[$name,randread16,$run]} IOPS"
-  done
+measure() { # name start_fn run
+  local name=$1 start=$2 run=$3 mnt="$work/mnt-$1"
+  # Same start for both servers: no writeback in progress, the image in the host page cache.
+  sync
+  cat "$img" >/dev/null
+  $start "$mnt"
+  drop_mount_cache "$mnt"
+  results[$name,seqread,$run]=$(dd_rate if="$mnt" of=/dev/null bs=1M)
+  results[$name,seqwrite,$run]=$(dd_rate if=/dev/shm/vdisk-bench-src of="$mnt" bs=1M conv=notrunc,fsync)
+  results[$name,randread1,$run]=$(fio_iops "$mnt" 1 randread)
+  results[$name,randread16,$run]=$(fio_iops "$mnt" 16 randread)
+  stop_server
+  echo "bench: $name run $run: seqread ${results[$name,seqread,$run]} MB/s, seqwrite ${results[$name,seqwrite,$run]} MB/s, randread QD1 ${results[$name,randread1,$run]} IOPS, QD16 ${results[$name,randread16,$run]} IOPS"
 }
 
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
-measure vdisk start_vdisk
-measure qemu start_qemu
+# Alternate the servers so that machine noise and drift fall on both alike.
+for run in $(seq "$RUNS"); do
+  measure vdisk start_vdisk "$run"
+  measure qemu start_qemu "$run"
+done
 
 printf '\n%-34s %12s %12s %8s\n' "raw, ${SIZE_MB} MiB (median of $RUNS)" vdisk qemu-fuse ratio
 for metric in "seqread:dd read bs=1M (MB/s)" "seqwrite:dd write bs=1M+fsync (MB/s)" "randread1:fio 4k randread QD1 (IOPS)" "randread16:fio 4k randread QD16 (IOPS)"; do

@@ -17,3 +17,11 @@ describe('error table', () => {
     expect(errnoOf(new VdiskError('ENOTSUP'))).toBe(constants.errno.EOPNOTSUPP);
   });
 });
+
+describe('docs/ERRORS.md', () => {
+  it('lists every code of the table', async () => {
+    const { readFileSync } = await import('node:fs');
+    const doc = readFileSync(new URL('../docs/ERRORS.md', import.meta.url), 'utf8');
+    for (const code of Object.keys(ERROR_TABLE)) expect(doc).toContain(`| \`${code}\` |`);
+  });
+});
