@@ -35,7 +35,9 @@ fi
 
 # npm dependencies (and, through the package's install script, the native addon).
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund
+  # npm install, not npm ci: npm 11 writes lock files that its own ci then rejects
+  # (platform-specific optional packages); install still honours the lock file.
+  npm install --no-audit --no-fund
 fi
 if [ ! -f build/Release/vdisk_fuse.node ] || [ native/vdisk_fuse.c -nt build/Release/vdisk_fuse.node ]; then
   npm run --silent build:native >/dev/null

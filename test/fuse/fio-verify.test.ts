@@ -32,7 +32,7 @@ describe('fio verify through the mount', () => {
       // Each job owns a 32 MiB region (offset_increment) so verification is exact.
       const r = sh(
         `fio --name=verify --filename=${mnt} --rw=randwrite --bsrange=4k-256k --size=32M --offset_increment=32M --numjobs=4 ` +
-          `--ioengine=libaio --iodepth=8 --direct=${direct} --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting --output-format=json`,
+          `--ioengine=libaio --iodepth=8 --direct=${direct} --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 --group_reporting --output-format=json`,
       );
       expect(r.status, r.stderr + r.stdout.slice(-2000)).toBe(0);
       const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: Array<{ error: number; write: { io_bytes: number } }> };
@@ -42,7 +42,7 @@ describe('fio verify through the mount', () => {
       expect(await m.stop()).toBe(0);
     }
     // What fio verified through the mount is what the image file holds.
-    const again = sh(`fio --name=verify --filename=${image} --rw=randwrite --bsrange=4k-256k --size=32M --offset_increment=32M --numjobs=4 --verify=crc32c --verify_only=1 --verify_fatal=1 --output-format=terse`);
+    const again = sh(`fio --name=verify --filename=${image} --rw=randwrite --bsrange=4k-256k --size=32M --offset_increment=32M --numjobs=4 --verify=crc32c --verify_only=1 --verify_fatal=1 --verify_state_save=0 --output-format=terse`);
     expect(again.status, again.stderr).toBe(0);
   });
 });
