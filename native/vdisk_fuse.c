@@ -509,6 +509,21 @@ fail_cleanup:
   return NULL;
 }
 
+/* stop(session): take no new requests; those already handed to JS can still be
+ * answered. Requests left in the kernel's queue fail once the session closes. */
+static napi_value js_stop(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *p;
+  vd_session *s;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
+  s = p;
+  if (s->polling && !s->closing) uv_poll_stop(&s->poll);
+  s->polling = 0;
+  return NULL;
+}
+
 /* close(session): stop serving and release everything. Aborts the connection if
  * the mount is still there: callers drain and detach first for a clean stop. */
 static napi_value js_close(napi_env env, napi_callback_info info) {
@@ -846,6 +861,7 @@ static napi_value init(napi_env env, napi_value exports) {
     napi_callback fn;
   } fns[] = {
       {"mount", js_mount},           {"close", js_close},
+      {"stop", js_stop},
       {"replyErr", js_reply_err},    {"replyRead", js_reply_read},
       {"replyWrite", js_reply_write}, {"replyLseek", js_reply_lseek},
       {"replyOpen", js_reply_open},  {"replyAttr", js_reply_attr},

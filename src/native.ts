@@ -24,6 +24,9 @@ export interface FuseHandlers {
 
 export interface NativeAddon {
   mount(mountpoint: string, options: { fsOptions: string; maxWrite?: number; maxReadahead?: number }, handlers: FuseHandlers, onExit: (errno: number) => void): FuseSessionHandle;
+  /** Take no new requests (those in flight can still be answered). */
+  stop(session: FuseSessionHandle): void;
+  /** Release the session; aborts the connection if the mount is still there. */
   close(session: FuseSessionHandle): void;
   replyErr(req: FuseReq, errno: number): void;
   replyRead(req: FuseReq, buffers: Buffer[]): void;

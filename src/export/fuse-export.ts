@@ -168,6 +168,8 @@ export class FuseExport {
   /** Answer what is in flight, flush the image, release the session. */
   close(): Promise<void> {
     this.closing ??= (async () => {
+      // Under load new requests would keep arriving and idle() might never come.
+      if (this.session) this.addon.stop(this.session);
       await this.idle();
       try {
         if (!this.readOnly) await io.flush(this.node);
