@@ -51,6 +51,19 @@ export interface BlockDriver {
   readonly limits: Partial<BlockLimits>;
   readonly readOnly: boolean;
 
+  /**
+   * Writes past the end are allowed and grow the node (a protocol node under a
+   * format driver that allocates clusters at the end of its file).
+   */
+  readonly growable?: boolean;
+  /**
+   * Formats that allocate: writes that may allocate, and every write-zeroes and
+   * discard, are serialised with overlapping requests at this granularity.
+   */
+  readonly allocationAlignment?: number;
+  /** Cheap, conservative: may a write to this range allocate (true when unsure)? */
+  mayAllocate?(offset: number, bytes: number): boolean;
+
   /** Virtual size in bytes; a multiple of limits.requestAlignment. */
   size(): number;
   preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void>;
@@ -59,6 +72,8 @@ export interface BlockDriver {
   pdiscard?(offset: number, bytes: number): Promise<void>;
   blockStatus?(offset: number, bytes: number): Promise<DriverBlockStatus>;
   flush?(): Promise<void>;
+  /** Change the size (protocol nodes: shrink or grow the host file). */
+  truncate?(size: number): Promise<void>;
   /** Bytes of host storage the node really uses (st_blocks of the export). */
   allocatedBytes?(): Promise<number>;
   close(): Promise<void>;

@@ -33,6 +33,7 @@ function checkRequest(node: BlockNode, offset: number, bytes: number): void {
     throw new VdiskError('EINVAL', `bad request offset=${offset} bytes=${bytes}`);
   }
   const size = node.size();
+  if (node.driver.growable) return; // a host file under a format driver: past the end reads zero, writes grow it
   if (offset > size || bytes > size - offset) {
     throw new VdiskError('EIO', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
   }
@@ -104,6 +105,8 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
   try {
     // RMW rewrites bytes this request was not given: nobody may touch those blocks meanwhile.
     if (pad) node.tracker.markSerialising(req, align);
+    // Allocating a cluster (and copying what the write does not cover) must not interleave either.
+    serialiseAllocation(node, req, offset, bytes, false);
     await node.tracker.waitSerialising(req);
     if (!pad) {
       await alignedPwritev(node, offset, bytes, iov);
@@ -123,6 +126,13 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
 }
 
 /** Read the partially covered first and last blocks of a padded write (once if they are one block). */
+/** Make `req` serialising at the driver's allocation granularity when it may change the mapping. */
+function serialiseAllocation(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, always: boolean): void {
+  const granularity = node.driver.allocationAlignment;
+  if (!granularity) return;
+  if (always || node.driver.mayAllocate?.(offset, bytes) !== false) node.tracker.markSerialising(req, granularity);
+}
+
 async function rmwRead(node: BlockNode, pad: Padding): Promise<{ headBlock: Buffer | null; tailBlock: Buffer | null }> {
   const align = node.limits.requestAlignment;
   const lastBlock = pad.offset + pad.bytes - align;
@@ -177,6 +187,7 @@ export async function pwriteZeroes(node: BlockNode, offset: number, bytes: numbe
   const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'zero');
   try {
     if (pad) node.tracker.markSerialising(req, align);
+    serialiseAllocation(node, req, offset, bytes, true);
     await node.tracker.waitSerialising(req);
     const end = offset + bytes;
     let pos = offset;
@@ -267,6 +278,7 @@ export async function pdiscard(node: BlockNode, offset: number, bytes: number): 
   node.incInFlight();
   const req = node.tracker.begin(start, end - start, 'discard');
   try {
+    serialiseAllocation(node, req, start, end - start, true);
     await node.tracker.waitSerialising(req);
     for (let pos = start; pos < end; ) {
       const n = Math.min(node.limits.maxPdiscard, end - pos);

@@ -1,17 +1,34 @@
-/** Opening an image by file name: format probing (top image only) and the node graph. */
+/**
+ * Opening an image chain by file name: the top image's format is probed (or
+ * given), backing files are opened with the format their overlay names and
+ * never probed into something else; loops and absurdly deep chains are refused.
+ */
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
+import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
 
-export type ImageFormat = 'raw';
+export const SUPPORTED_FORMATS = ['raw', 'qcow2'] as const;
+/** Deeper chains than this are refused (QEMU allows far more, but nobody needs them). */
+export const MAX_CHAIN_DEPTH = 32;
 
 export interface OpenOptions {
   /** Format of the image; probed from its first bytes when absent. */
   format?: string;
+  /**
+   * Format of a backing file whose overlay records none. Without it such a
+   * backing file is opened only if it probes as something other than raw
+   * (a guest can write a qcow2 header into a raw disk).
+   */
+  backingFormat?: string;
   readOnly?: boolean;
   detectZeroes?: DetectZeroes;
   discard?: DiscardMode;
+  l2CacheBytes?: number;
+  /** Messages worth showing the user (corrupt bit, repaired refcounts). */
+  warnings?: string[];
 }
 
 const MAGICS: Array<{ format: string; magic: Buffer }> = [
@@ -22,10 +39,10 @@ const MAGICS: Array<{ format: string; magic: Buffer }> = [
 ];
 
 /** The format named by the image's magic bytes; 'raw' when none matches. */
-export async function probeFormat(path: string): Promise<string> {
+export async function probeFormat(file: string): Promise<string> {
   let head: Buffer;
   try {
-    const fh = await fs.open(path, 'r');
+    const fh = await fs.open(file, 'r');
     try {
       head = Buffer.alloc(8);
       await fh.read(head, 0, 8, 0);
@@ -33,20 +50,96 @@ export async function probeFormat(path: string): Promise<string> {
       await fh.close();
     }
   } catch (err) {
-    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`);
+    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
     throw err;
   }
   return MAGICS.find((m) => head.subarray(0, m.magic.length).equals(m.magic))?.format ?? 'raw';
 }
 
-/** Open an image file as the top node of a chain. */
-export async function openImage(path: string, options: OpenOptions = {}): Promise<BlockNode> {
-  const format = options.format ?? (await probeFormat(path));
-  const nodeOptions = { name: path, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
+/** Where a backing file name recorded in `overlay` points: relative names resolve against the overlay's directory. */
+export function resolveBackingPath(overlay: string, name: string): string {
+  return path.isAbsolute(name) ? name : path.resolve(path.dirname(overlay), name);
+}
+
+interface ChainState {
+  seen: Set<string>;
+  depth: number;
+}
+
+async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState): Promise<BlockNode> {
+  let real: string;
+  try {
+    real = await fs.realpath(file);
+  } catch {
+    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+  }
+  if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${file}`);
+  if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${file}`);
+  chain.seen.add(real);
+  const nodeOptions = { name: file, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
   switch (format) {
     case 'raw':
-      return new BlockNode(await FileDriver.open(path, { readOnly: options.readOnly ?? false }), nodeOptions);
+      return new BlockNode(await FileDriver.open(file, { readOnly }), nodeOptions);
+    case 'qcow2': {
+      const fileNode = new BlockNode(await FileDriver.open(file, { readOnly, growable: true }), { name: file });
+      let drv: Qcow2Driver;
+      try {
+        drv = await Qcow2Driver.open(fileNode, readOnly ? { readOnly } : { readOnly, ...(options.l2CacheBytes ? { l2CacheBytes: options.l2CacheBytes } : {}) });
+      } catch (err) {
+        await fileNode.close();
+        throw err;
+      }
+      options.warnings?.push(...drv.warnings.map((w) => `${file}: ${w}`));
+      const h = drv.header;
+      if (h.backingFile !== null) {
+        try {
+          drv.backing = await openBacking(file, h.backingFile, h.backingFormat, options, chain);
+        } catch (err) {
+          await drv.close();
+          throw err;
+        }
+      }
+      return new BlockNode(drv, { ...nodeOptions, backing: drv.backing });
+    }
     default:
-      throw new VdiskError('ERR_IMAGE_FORMAT', `${path}: format '${format}' is not supported yet (supported: raw)`);
+      throw new VdiskError('ERR_IMAGE_FORMAT', `${file}: format '${format}' is not supported (supported: ${SUPPORTED_FORMATS.join(', ')})`);
   }
+}
+
+async function openBacking(overlay: string, name: string, recordedFormat: string | null, options: OpenOptions, chain: ChainState): Promise<BlockNode> {
+  const file = resolveBackingPath(overlay, name);
+  let format = recordedFormat ?? options.backingFormat;
+  if (!format) {
+    const probed = await probeFormat(file).catch((err: unknown) => {
+      if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${file} of ${overlay} not found`);
+      throw err;
+    });
+    if (probed === 'raw') {
+      throw new VdiskError(
+        'ERR_IMAGE_FORMAT',
+        `${overlay} does not record the format of its backing file ${name}, which probes as raw; give it explicitly (-F raw) if that is right`,
+      );
+    }
+    format = probed;
+  }
+  chain.depth++;
+  try {
+    return await openNode(file, format, { ...options, backingFormat: undefined }, true, chain);
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${file} of ${overlay} not found`);
+    throw err;
+  }
+}
+
+/** Open an image file as the top node of its chain. */
+export async function openImage(file: string, options: OpenOptions = {}): Promise<BlockNode> {
+  const format = options.format ?? (await probeFormat(file));
+  return openNode(file, format, options, options.readOnly ?? false, { seen: new Set(), depth: 0 });
+}
+
+/** The nodes of a chain, top first. */
+export function chainOf(top: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | null = top; n; n = n.backing) out.push(n);
+  return out;
 }

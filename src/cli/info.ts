@@ -1,37 +1,103 @@
-/** `vdisk info`: what an image is. */
+/** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
-import { openImage, probeFormat } from '../block/open.js';
+import { chainOf, openImage } from '../block/open.js';
+import type { BlockNode } from '../block/node.js';
+import { Qcow2Driver } from '../drivers/qcow2/index.js';
+import { featureNames } from '../drivers/qcow2/header.js';
 import { formatSize } from './util.js';
 
 export interface InfoArgs {
   file: string;
   format?: string;
+  'backing-format'?: string;
   output: 'human' | 'json';
+  'backing-chain': boolean;
 }
 
 export function infoOptions(y: Argv): Argv<InfoArgs> {
   return y
     .positional('file', { type: 'string', demandOption: true })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw'], describe: 'image format (probed when absent)' })
-    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<InfoArgs>;
+    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
+    .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs>;
+}
+
+export interface ImageInfo {
+  filename: string;
+  format: string;
+  'virtual-size': number;
+  'actual-size': number;
+  'cluster-size'?: number;
+  'backing-filename'?: string;
+  'backing-filename-format'?: string;
+  'full-backing-filename'?: string;
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+}
+
+export async function describeNode(node: BlockNode): Promise<ImageInfo> {
+  const info: ImageInfo = {
+    filename: node.name,
+    format: node.driver.formatName,
+    'virtual-size': node.size(),
+    'actual-size': (await node.driver.allocatedBytes?.()) ?? node.size(),
+  };
+  if (node.driver instanceof Qcow2Driver) {
+    const h = node.driver.header;
+    info['cluster-size'] = node.driver.clusterSize;
+    if (h.backingFile !== null) {
+      info['backing-filename'] = h.backingFile;
+      if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
+      if (node.backing) info['full-backing-filename'] = node.backing.name;
+    }
+    info['format-specific'] = {
+      type: 'qcow2',
+      data: {
+        compat: h.version === 2 ? '0.10' : '1.1',
+        'refcount-bits': 2 ** h.refcountOrder,
+        'extended-l2': node.driver.extendedL2,
+        'lazy-refcounts': featureNames(h).includes('lazy-refcounts'),
+        corrupt: featureNames(h).includes('corrupt'),
+        'compression-type': h.compressionType === 0 ? 'zlib' : 'zstd',
+        features: featureNames(h),
+        snapshots: h.nbSnapshots,
+      },
+    };
+  }
+  return info;
+}
+
+function human(info: ImageInfo): string {
+  const lines = [
+    `image: ${info.filename}`,
+    `file format: ${info.format}`,
+    `virtual size: ${formatSize(info['virtual-size'])} (${info['virtual-size']} bytes)`,
+    `disk size: ${formatSize(info['actual-size'])}`,
+  ];
+  if (info['cluster-size']) lines.push(`cluster_size: ${info['cluster-size']}`);
+  if (info['backing-filename']) lines.push(`backing file: ${info['backing-filename']}${info['full-backing-filename'] ? ` (actual path: ${info['full-backing-filename']})` : ''}`);
+  if (info['backing-filename-format']) lines.push(`backing file format: ${info['backing-filename-format']}`);
+  const fs = info['format-specific']?.data;
+  if (fs) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fs)) lines.push(`    ${k}: ${Array.isArray(v) ? v.join(', ') || '-' : String(v)}`);
+  }
+  return lines.join('\n');
 }
 
 export async function runInfo(args: InfoArgs): Promise<void> {
-  const format = args.format ?? (await probeFormat(args.file));
-  const node = await openImage(args.file, { format, readOnly: true });
+  const node = await openImage(args.file, {
+    readOnly: true,
+    ...(args.format ? { format: args.format } : {}),
+    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
+  });
   try {
-    const info = {
-      filename: args.file,
-      format: node.driver.formatName,
-      'virtual-size': node.size(),
-      'actual-size': (await node.driver.allocatedBytes?.()) ?? node.size(),
-    };
+    const nodes = args['backing-chain'] ? chainOf(node) : [node];
+    const infos = await Promise.all(nodes.map(describeNode));
     if (args.output === 'json') {
-      process.stdout.write(`${JSON.stringify(info, null, 2)}\n`);
+      process.stdout.write(`${JSON.stringify(args['backing-chain'] ? infos : infos[0], null, 2)}\n`);
     } else {
-      process.stdout.write(
-        `image: ${info.filename}\nfile format: ${info.format}\nvirtual size: ${formatSize(info['virtual-size'])} (${info['virtual-size']} bytes)\ndisk size: ${formatSize(info['actual-size'])}\n`,
-      );
+      process.stdout.write(`${infos.map(human).join('\n\n')}\n`);
     }
   } finally {
     await node.close();

@@ -3,6 +3,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { VdiskError } from '../errors.js';
+import { checkOptions, runCheck } from './check.js';
 import { createOptions, runCreate } from './create.js';
 import { infoOptions, runInfo } from './info.js';
 import { mapOptions, runMap } from './map.js';
@@ -16,10 +17,12 @@ async function main(argv: string[]): Promise<void> {
     .usage('$0 <command> [options]\n\nMount a virtual disk image as one regular file through FUSE.')
     .command('mount <image> <mountpoint>', 'serve an image as one file until Ctrl-C or `vdisk unmount`', mountOptions, runMount)
     .command('unmount <mountpoint>', 'unmount a vdisk mount (also one left by a crashed process)', unmountOptions, runUnmount)
-    .command('create <file> <size>', 'create a new sparse image', createOptions, runCreate)
+    .command('create <file> [size]', 'create a new image (raw, or qcow2 with an optional backing file)', createOptions, runCreate)
     .command('info <file>', 'show format, virtual size and disk usage of an image', infoOptions, runInfo)
-    .command('map <file>', 'show which ranges hold data or read as zero', mapOptions, runMap)
+    .command('map <file>', 'show which ranges hold data or read as zero, and which image of the chain has them', mapOptions, runMap)
+    .command('check <file>', 'check a qcow2 image for leaks and corruptions; -r repairs', checkOptions, runCheck)
     .example('$0 create disk.img 10G', 'a sparse 10 GiB raw image')
+    .example('$0 create -f qcow2 -b base.img -F raw overlay.qcow2', 'a qcow2 overlay on a raw base')
     .example('touch disk.view && $0 mount disk.img disk.view', 'serve it on disk.view (Ctrl-C unmounts)')
     .example('fallocate -p -o 1M -l 4M disk.view', 'discard: the range reads as zero and frees space')
     .demandCommand(1, 'name a command')

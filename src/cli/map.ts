@@ -7,6 +7,7 @@ import { openImage } from '../block/open.js';
 export interface MapArgs {
   file: string;
   format?: string;
+  'backing-format'?: string;
   output: 'human' | 'json';
 }
 
@@ -23,14 +24,15 @@ export interface MapEntry {
 export function mapOptions(y: Argv): Argv<MapArgs> {
   return y
     .positional('file', { type: 'string', demandOption: true })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw'] })
+    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'] })
+    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs>;
 }
 
 function depthOf(top: BlockNode, node: BlockNode | null): number {
   let depth = 0;
   for (let n: BlockNode | null = top; n; n = n.backing, depth++) if (n === node) return depth;
-  return depth; // nothing in the chain: one past the bottom, as qemu-img map
+  return depth - 1; // nothing in the chain has it: the bottom's depth, as qemu-img map
 }
 
 /** Block status above the chain for the whole disk, adjacent equal ranges merged. */
@@ -52,7 +54,11 @@ export async function mapImage(top: BlockNode): Promise<MapEntry[]> {
 }
 
 export async function runMap(args: MapArgs): Promise<void> {
-  const node = await openImage(args.file, args.format ? { format: args.format, readOnly: true } : { readOnly: true });
+  const node = await openImage(args.file, {
+    readOnly: true,
+    ...(args.format ? { format: args.format } : {}),
+    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
+  });
   try {
     const entries = await mapImage(node);
     if (args.output === 'json') {
@@ -60,10 +66,12 @@ export async function runMap(args: MapArgs): Promise<void> {
       return;
     }
     const hex = (n: number) => `0x${n.toString(16)}`;
+    const chain: string[] = [];
+    for (let n: BlockNode | null = node; n; n = n.backing) chain.push(n.name);
     process.stdout.write(`${'Offset'.padEnd(20)}${'Length'.padEnd(20)}${'Mapped to'.padEnd(20)}File\n`);
     for (const e of entries) {
       if (!e.data) continue;
-      process.stdout.write(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${hex(e.offset ?? e.start).padEnd(20)}${args.file}\n`);
+      process.stdout.write(`${hex(e.start).padEnd(20)}${hex(e.length).padEnd(20)}${(e.offset === undefined ? '-' : hex(e.offset)).padEnd(20)}${chain[e.depth] ?? args.file}\n`);
     }
   } finally {
     await node.close();

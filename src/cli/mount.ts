@@ -33,6 +33,8 @@ export interface MountArgs {
   image: string;
   mountpoint: string;
   format?: string;
+  'backing-format'?: string;
+  'l2-cache-size'?: string;
   'read-only': boolean;
   'allow-other': boolean;
   discard: 'ignore' | 'unmap';
@@ -47,7 +49,9 @@ export function mountOptions(y: Argv): Argv<MountArgs> {
   return y
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw'], describe: 'image format (probed when absent)' })
+    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name (never probed as raw)' })
+    .option('l2-cache-size', { type: 'string', describe: 'qcow2: memory for cached L2 tables (default 4M)' })
     .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'refuse writes (EROFS); opens the image read-only' })
     .option('allow-other', { type: 'boolean', default: false, describe: 'let other users open the file (mode 0644 instead of 0600)' })
     .option('discard', { choices: ['ignore', 'unmap'] as const, default: 'unmap' as const, describe: 'unmap: punch-hole frees space in the image; ignore: it only writes zeroes' })
@@ -64,8 +68,17 @@ export function mountOptions(y: Argv): Argv<MountArgs> {
 }
 
 export async function runMount(args: MountArgs): Promise<void> {
-  const openOptions = { readOnly: args['read-only'], detectZeroes: args['detect-zeroes'], discard: args.discard };
-  const image = await openImage(args.image, args.format ? { ...openOptions, format: args.format } : openOptions);
+  const warnings: string[] = [];
+  const image = await openImage(args.image, {
+    readOnly: args['read-only'],
+    detectZeroes: args['detect-zeroes'],
+    discard: args.discard,
+    warnings,
+    ...(args.format ? { format: args.format } : {}),
+    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
+    ...(args['l2-cache-size'] ? { l2CacheBytes: parseSize(args['l2-cache-size']) } : {}),
+  });
+  for (const w of warnings) process.stderr.write(`vdisk: warning: ${w}\n`);
   const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
   let exp: FuseExport;
   try {

@@ -25,6 +25,8 @@ const NOWAIT_MAX_BYTES = 128 * 1024;
 
 export interface FileOpenOptions {
   readOnly?: boolean;
+  /** Allow writes past the end (the file under a format driver). */
+  growable?: boolean;
 }
 
 function readv(fd: number, iov: Buffer[], position: number): Promise<number> {
@@ -66,6 +68,7 @@ export class FileDriver implements BlockDriver {
   readonly formatName = 'raw';
   readonly limits = { requestAlignment: 1, maxTransfer: 64 * 1024 * 1024 };
   readonly readOnly: boolean;
+  readonly growable: boolean;
   readonly path: string;
   private fd: number;
   private bytes: number;
@@ -75,11 +78,12 @@ export class FileDriver implements BlockDriver {
   private canSeekData = true;
   private canReadNoWait = true;
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean) {
+  private constructor(path: string, fd: number, size: number, readOnly: boolean, growable: boolean) {
     this.path = path;
     this.fd = fd;
     this.bytes = size;
     this.readOnly = readOnly;
+    this.growable = growable;
   }
 
   static async open(path: string, options: FileOpenOptions = {}): Promise<FileDriver> {
@@ -102,7 +106,7 @@ export class FileDriver implements BlockDriver {
       throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
     }
     trace('open path=%s size=%d readOnly=%s', path, st.size, readOnly);
-    return new FileDriver(path, fd, st.size, readOnly);
+    return new FileDriver(path, fd, st.size, readOnly, options.growable ?? false);
   }
 
   size(): number {
@@ -139,6 +143,12 @@ export class FileDriver implements BlockDriver {
     while (done < bytes) {
       done += await writev(this.fd, done ? iovAdvance(iov, done) : iov, offset + done);
     }
+    if (offset + bytes > this.bytes) this.bytes = offset + bytes;
+  }
+
+  async truncate(size: number): Promise<void> {
+    await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(err) : resolve())));
+    this.bytes = size;
   }
 
   async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {

@@ -1,0 +1,154 @@
+/**
+ * Creating qcow2 images: header (with backing file and format), refcount
+ * table and blocks that describe every metadata cluster, and the L1 table; with
+ * preallocation=metadata also every L2 table and data cluster (the file stays
+ * sparse, so those read as zero).
+ */
+import fs from 'node:fs/promises';
+import { VdiskError } from '../../errors.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, serializeHeader, type Qcow2Header } from './header.js';
+import { writeL1Entry, writeL2Entry } from './l2-entry.js';
+
+export interface Qcow2CreateOptions {
+  size: number;
+  clusterSize?: number;
+  compat?: '0.10' | '1.1';
+  extendedL2?: boolean;
+  refcountBits?: number;
+  lazyRefcounts?: boolean;
+  preallocation?: 'off' | 'metadata';
+  backingFile?: string;
+  backingFormat?: string;
+}
+
+export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat'>> {
+  const clusterSize = o.clusterSize ?? 65536;
+  const bits = Math.log2(clusterSize);
+  if (!Number.isInteger(bits) || bits < MIN_CLUSTER_BITS || bits > MAX_CLUSTER_BITS) {
+    throw new VdiskError('ERR_USAGE', `cluster_size must be a power of two from 512 to 2M, not ${clusterSize}`);
+  }
+  const compat = o.compat ?? '1.1';
+  const refcountBits = o.refcountBits ?? 16;
+  if (![1, 2, 4, 8, 16, 32, 64].includes(refcountBits)) throw new VdiskError('ERR_USAGE', `refcount_bits must be a power of two from 1 to 64, not ${refcountBits}`);
+  const extendedL2 = o.extendedL2 ?? false;
+  const lazyRefcounts = o.lazyRefcounts ?? false;
+  if (compat === '0.10' && (extendedL2 || lazyRefcounts || refcountBits !== 16)) {
+    throw new VdiskError('ERR_USAGE', 'compat=0.10 images have no extended_l2, no lazy_refcounts and 16-bit refcounts only');
+  }
+  if (extendedL2 && clusterSize < 16384) throw new VdiskError('ERR_USAGE', 'extended_l2 needs a cluster_size of at least 16k');
+  if (!Number.isSafeInteger(o.size) || o.size < 0) throw new VdiskError('ERR_USAGE', `bad size ${o.size}`);
+  if (o.size % 512) throw new VdiskError('ERR_USAGE', `the size of a qcow2 image must be a multiple of 512 bytes (${o.size})`);
+  const preallocation = o.preallocation ?? 'off';
+  return { size: o.size, clusterSize, compat, extendedL2, refcountBits, lazyRefcounts, preallocation };
+}
+
+export async function createQcow2(path: string, options: Qcow2CreateOptions, overwrite: boolean): Promise<void> {
+  const o = validateCreateOptions(options);
+  const cs = o.clusterSize;
+  const clusterBits = Math.log2(cs);
+  const l2Entries = cs / (o.extendedL2 ? 16 : 8);
+  const dataClusters = Math.ceil(o.size / cs);
+  const l1Size = Math.ceil(dataClusters / l2Entries);
+  if (l1Size * 8 > 32 * 1024 * 1024) throw new VdiskError('ERR_USAGE', `a ${o.size}-byte disk needs an L1 table over 32 MiB: use a larger cluster_size`);
+  const l1Clusters = Math.ceil((l1Size * 8) / cs);
+  const prealloc = o.preallocation === 'metadata';
+  const fixed = 1 + l1Clusters + (prealloc ? l1Size + dataClusters : 0);
+  const refcountOrder = Math.log2(o.refcountBits);
+  const entriesPerBlock = (cs * 8) / o.refcountBits;
+  // Refcount table and blocks must also describe themselves: iterate to a fixed point.
+  let blocks = 1;
+  let tableClusters = 1;
+  for (;;) {
+    const total = fixed + tableClusters + blocks;
+    const b = Math.ceil(total / entriesPerBlock);
+    const t = Math.max(1, Math.ceil((b * 8) / cs));
+    if (b === blocks && t === tableClusters) break;
+    blocks = b;
+    tableClusters = t;
+  }
+  if (tableClusters * cs > 8 * 1024 * 1024) throw new VdiskError('ERR_USAGE', 'the refcount table would exceed 8 MiB: use a larger cluster_size or fewer refcount bits');
+  // Layout: header | refcount table | refcount blocks | L1 | (L2 tables | data clusters)
+  const reftableAt = 1;
+  const blocksAt = reftableAt + tableClusters;
+  const l1At = blocksAt + blocks;
+  const l2At = l1At + l1Clusters;
+  const dataAt = l2At + l1Size;
+  const total = l1At + l1Clusters + (prealloc ? l1Size + dataClusters : 0);
+
+  const header: Qcow2Header = {
+    version: o.compat === '0.10' ? 2 : 3,
+    backingFileOffset: 0,
+    backingFileSize: 0,
+    clusterBits,
+    size: o.size,
+    cryptMethod: 0,
+    l1Size,
+    l1TableOffset: l1At * cs,
+    refcountTableOffset: reftableAt * cs,
+    refcountTableClusters: tableClusters,
+    nbSnapshots: 0,
+    snapshotsOffset: 0,
+    incompatibleFeatures: o.extendedL2 ? INCOMPAT_EXTL2 : 0n,
+    compatibleFeatures: o.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
+    autoclearFeatures: 0n,
+    refcountOrder,
+    headerLength: o.compat === '0.10' ? 72 : 112,
+    compressionType: 0,
+    unknownHeaderTail: Buffer.alloc(7),
+    extensions: [],
+    backingFile: options.backingFile ?? null,
+    backingFormat: options.backingFile ? (options.backingFormat ?? null) : null,
+  };
+  const head = serializeHeader(header);
+
+  const reftable = Buffer.alloc(tableClusters * cs);
+  const blockBufs: Buffer[] = [];
+  for (let b = 0; b < blocks; b++) {
+    reftable.writeBigUInt64BE(BigInt((blocksAt + b) * cs), b * 8);
+    blockBufs.push(Buffer.alloc(cs));
+  }
+  for (let c = 0; c < total; c++) {
+    const block = blockBufs[Math.floor(c / entriesPerBlock)]!;
+    const i = c % entriesPerBlock;
+    // Refcount 1 in a big-endian entry of refcount_bits (sub-byte entries: least significant bits first).
+    if (o.refcountBits < 8) {
+      const bit = i * o.refcountBits;
+      block[bit >> 3]! |= 1 << (bit & 7);
+    } else {
+      block[(i + 1) * (o.refcountBits / 8) - 1] = 1;
+    }
+  }
+  const l1 = Buffer.alloc(l1Clusters * cs);
+  const l2s: Buffer[] = [];
+  if (prealloc) {
+    for (let i = 0; i < l1Size; i++) {
+      writeL1Entry(l1, i, (l2At + i) * cs, true);
+      const l2 = Buffer.alloc(cs);
+      for (let j = 0; j < l2Entries; j++) {
+        const guest = i * l2Entries + j;
+        if (guest >= dataClusters) break;
+        writeL2Entry(l2, j, o.extendedL2, { host: (dataAt + guest) * cs, copied: true, allocMask: 0xffffffff, zeroMask: 0 });
+      }
+      l2s.push(l2);
+    }
+  }
+
+  let fh: fs.FileHandle;
+  try {
+    fh = await fs.open(path, overwrite ? 'w' : 'wx');
+  } catch (err) {
+    if ((err as { code?: string }).code === 'EEXIST') throw new VdiskError('EEXIST', `${path} exists (use --force to replace it)`);
+    throw err;
+  }
+  try {
+    await fh.write(head, 0, head.length, 0);
+    await fh.write(reftable, 0, reftable.length, reftableAt * cs);
+    for (const [b, buf] of blockBufs.entries()) await fh.write(buf, 0, cs, (blocksAt + b) * cs);
+    await fh.write(l1, 0, l1.length, l1At * cs);
+    for (const [i, buf] of l2s.entries()) await fh.write(buf, 0, cs, (l2At + i) * cs);
+    await fh.truncate(total * cs);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}

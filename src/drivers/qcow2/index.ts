@@ -1,0 +1,739 @@
+/**
+ * qcow2: the format driver. Reads map guest clusters through L1/L2 tables
+ * (cached, bounded) to host clusters, zero clusters, compressed clusters or
+ * the backing node; writes allocate clusters with refcounts and copy what
+ * they do not overwrite; write-zeroes and discard are metadata where the
+ * format allows.
+ *
+ * Update order, for crash safety (as QEMU keeps it):
+ *   data  ->  refcount blocks  ->  flush  ->  L2 tables  ->  L1  ->  flush
+ *   -> only then are freed clusters' refcounts dropped (and their space punched).
+ * Allocating writes only touch memory metadata after their data write has
+ * completed, and metadata reaches the disk in flush(), so an on-disk L2 entry
+ * never points at data or refcounts that are not on disk yet.
+ *
+ * Concurrency: the request layer serialises writes that may allocate at
+ * cluster granularity (mayAllocate/allocationAlignment), and metadata changes
+ * take `metaLock`, so two allocations never interleave at an await.
+ */
+import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
+import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
+import type { BlockNode } from '../../block/node.js';
+import * as io from '../../block/io.js';
+import { iovSlice, isZero } from '../../block/iov.js';
+import { VdiskError } from '../../errors.js';
+import { tracer } from '../../trace.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  parseHeader,
+  serializeHeader,
+  type Qcow2Header,
+} from './header.js';
+import { readL1Entry, readL2Entry, subclusterKind, writeL1Entry, writeL2Entry, type ClusterKind, type L2Entry } from './l2-entry.js';
+import { Refcounts } from './refcount.js';
+import { TableCache } from './table-cache.js';
+import { Mutex } from './mutex.js';
+
+const trace = tracer('qcow2');
+
+/** Default memory for cached L2 tables (QEMU's default is 1 MiB of L2 per... this covers 32 GiB at 64 KiB clusters). */
+export const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
+const REFCOUNT_CACHE_BYTES = 1024 * 1024;
+
+export interface Qcow2OpenOptions {
+  readOnly?: boolean;
+  l2CacheBytes?: number;
+}
+
+interface Piece {
+  kind: ClusterKind;
+  bytes: number;
+  /** Host offset of the first byte, for normal pieces. */
+  host: number;
+  entry: L2Entry;
+}
+
+export class Qcow2Driver implements BlockDriver {
+  readonly formatName = 'qcow2';
+  readonly limits;
+  readonly file: BlockNode;
+  readonly header: Qcow2Header;
+  readonly warnings: string[] = [];
+  backing: BlockNode | null = null;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly subclusterSize: number;
+  readonly l2Entries: number;
+  readonly allocationAlignment: number;
+  private ro: boolean;
+  private l1: Buffer;
+  private l1Dirty = false;
+  readonly l2Cache: TableCache;
+  readonly refcounts: Refcounts;
+  private readonly metaLock = new Mutex();
+  /** Clusters holding active metadata: in-place writes there would destroy the image. */
+  private readonly metadata = new Set<number>();
+  private lastDecompressed: { host: number; data: Buffer } | null = null;
+
+  private constructor(file: BlockNode, header: Qcow2Header, l1: Buffer, refcounts: Refcounts, l2Cache: TableCache, readOnly: boolean) {
+    this.file = file;
+    this.header = header;
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    this.subclusterSize = this.extendedL2 ? this.clusterSize / 32 : this.clusterSize;
+    this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
+    this.l1 = l1;
+    this.refcounts = refcounts;
+    this.l2Cache = l2Cache;
+    this.ro = readOnly;
+    this.allocationAlignment = this.clusterSize;
+    this.limits = {
+      requestAlignment: 512,
+      maxTransfer: Math.max(this.clusterSize, 16 * 1024 * 1024),
+      pwriteZeroesAlignment: this.subclusterSize,
+      pdiscardAlignment: this.clusterSize,
+    };
+  }
+
+  get readOnly(): boolean {
+    return this.ro;
+  }
+
+  static async open(file: BlockNode, options: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
+    const fileSize = file.size();
+    const head = Buffer.alloc(Math.min(fileSize, 2 * 1024 * 1024));
+    await io.preadv(file, 0, head.length, [head]);
+    const header = parseHeader(head, fileSize);
+    if (header.cryptMethod !== 0) throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: encrypted images are not supported');
+    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+      throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: images with an external data file are not supported');
+    }
+    let readOnly = options.readOnly ?? false;
+    const warnings: string[] = [];
+    if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      if (!readOnly) warnings.push('the image is marked corrupt: opened read-only (vdisk check -r all repairs it)');
+      readOnly = true;
+    }
+    const cs = 2 ** header.clusterBits;
+    const l1 = Buffer.alloc(Math.ceil((header.l1Size * 8) / 8) * 8);
+    if (l1.length) await io.preadv(file, header.l1TableOffset, l1.length, [l1]);
+    const l2Bytes = options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+    const l2Cache = new TableCache('l2', file, cs, Math.floor(l2Bytes / cs));
+    const rcCache = new TableCache('refcount', file, cs, Math.floor(REFCOUNT_CACHE_BYTES / cs));
+    let drv: Qcow2Driver | null = null;
+    const refcounts = await Refcounts.load(
+      file,
+      rcCache,
+      { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
+      fileSize,
+      async (offset, clusters) => {
+        header.refcountTableOffset = offset;
+        header.refcountTableClusters = clusters;
+        await drv!.writeHeader();
+      },
+    );
+    drv = new Qcow2Driver(file, header, l1, refcounts, l2Cache, readOnly);
+    drv.warnings.push(...warnings);
+    drv.validateL1(fileSize);
+    drv.rebuildMetadataSet();
+    if (!readOnly) await drv.prepareForWriting();
+    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile);
+    return drv;
+  }
+
+  private validateL1(fileSize: number): void {
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const { offset } = readL1Entry(this.l1, i);
+      if (offset && (offset % this.clusterSize !== 0 || offset + this.clusterSize > fileSize)) {
+        throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L1 entry ${i} points at ${offset}, outside the file or unaligned`);
+      }
+    }
+  }
+
+  private rebuildMetadataSet(): void {
+    const add = (offset: number, bytes: number) => {
+      for (let c = Math.floor(offset / this.clusterSize); c < Math.ceil((offset + bytes) / this.clusterSize); c++) this.metadata.add(c);
+    };
+    this.metadata.clear();
+    add(0, this.clusterSize);
+    add(this.header.l1TableOffset, this.header.l1Size * 8);
+    for (const m of this.refcounts.metadataClusters()) add(m.offset, m.clusters * this.clusterSize);
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const { offset } = readL1Entry(this.l1, i);
+      if (offset) add(offset, this.clusterSize);
+    }
+    if (this.header.nbSnapshots) add(this.header.snapshotsOffset, this.clusterSize);
+  }
+
+  /**
+   * Before the first write: clear autoclear bits we do not maintain (bitmaps
+   * would go stale) and repair refcounts left inconsistent by a lazy-refcounts crash.
+   */
+  private async prepareForWriting(): Promise<void> {
+    const h = this.header;
+    let rewrite = false;
+    if (h.autoclearFeatures & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW)) {
+      h.autoclearFeatures &= ~(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
+      rewrite = true;
+    }
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      const { repairImage } = await import('./check.js');
+      this.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
+      await repairImage(this, 'all');
+      h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      rewrite = true;
+    }
+    if (rewrite) await this.writeHeader();
+  }
+
+  /** Rewrite the header cluster's metadata area (extensions preserved), then flush. */
+  async writeHeader(): Promise<void> {
+    const buf = serializeHeader(this.header);
+    await io.pwritev(this.file, 0, buf.length, [buf]);
+    await io.flush(this.file);
+  }
+
+  size(): number {
+    return this.header.size;
+  }
+
+  get l1Table(): Buffer {
+    return this.l1;
+  }
+
+  /** The in-memory L1 changed (repair): write it at the next flush. */
+  markL1Dirty(): void {
+    this.l1Dirty = true;
+  }
+
+  // -------------------------------------------------------------------------
+  // Mapping
+
+  /** The L2 table for guest cluster `cluster`, or null when the L1 entry is empty. */
+  private async l2For(cluster: number): Promise<{ table: Buffer; offset: number } | null> {
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    if (l1Index >= this.header.l1Size) return null;
+    const { offset } = readL1Entry(this.l1, l1Index);
+    if (!offset) return null;
+    return { table: await this.l2Cache.get(offset), offset };
+  }
+
+  async entryFor(cluster: number): Promise<L2Entry | null> {
+    const l2 = await this.l2For(cluster);
+    if (!l2) return null;
+    const e = readL2Entry(l2.table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
+    this.checkEntry(e, cluster);
+    return e;
+  }
+
+  private checkEntry(e: L2Entry, cluster: number): void {
+    const end = Math.max(this.refcounts.fileEnd, this.file.size());
+    if (e.compressed) {
+      if (e.compressedOffset + e.compressedBytes > end + this.clusterSize || e.compressedBytes > 2 * this.clusterSize + 512) {
+        throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster ${cluster} points outside the file`);
+      }
+    } else if (e.host) {
+      if (e.host % this.clusterSize !== 0) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} has unaligned offset ${e.host}`);
+      if (e.host + this.clusterSize > end) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points past the end of the file (${e.host})`);
+      if (this.metadata.has(e.host / this.clusterSize)) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points into metadata (${e.host})`);
+    }
+  }
+
+  /** The longest prefix of [offset, offset+bytes) inside one cluster with one kind. */
+  private async piece(offset: number, bytes: number): Promise<Piece> {
+    const cluster = Math.floor(offset / this.clusterSize);
+    const inCluster = offset % this.clusterSize;
+    const entry = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    const clusterRest = Math.min(bytes, this.clusterSize - inCluster);
+    const sc = Math.floor(inCluster / this.subclusterSize);
+    const kind = subclusterKind(entry, sc, this.extendedL2);
+    let n = Math.min(clusterRest, (sc + 1) * this.subclusterSize - inCluster);
+    for (let next = sc + 1; n < clusterRest && subclusterKind(entry, next, this.extendedL2) === kind; next++) {
+      n = Math.min(clusterRest, (next + 1) * this.subclusterSize - inCluster);
+    }
+    return { kind, bytes: n, host: kind === 'normal' ? entry.host + inCluster : 0, entry };
+  }
+
+  // -------------------------------------------------------------------------
+  // Reads
+
+  async preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    for (let done = 0; done < bytes; ) {
+      const p = await this.piece(offset + done, bytes - done);
+      // Coalesce host-contiguous normal pieces into one file read.
+      let n = p.bytes;
+      while (p.kind === 'normal' && done + n < bytes) {
+        const q = await this.piece(offset + done + n, bytes - done - n);
+        if (q.kind !== 'normal' || q.host !== p.host + n) break;
+        n += q.bytes;
+      }
+      await this.readPiece({ ...p, bytes: n }, offset + done, iovSlice(iov, done, n));
+      done += n;
+    }
+  }
+
+  private async readPiece(p: Piece, guestOffset: number, dst: Buffer[]): Promise<void> {
+    switch (p.kind) {
+      case 'normal':
+        return io.preadv(this.file, p.host, p.bytes, dst);
+      case 'zero':
+        for (const b of dst) b.fill(0);
+        return;
+      case 'unallocated':
+        return this.readBacking(guestOffset, p.bytes, dst);
+      case 'compressed': {
+        const data = await this.decompress(p.entry);
+        let pos = guestOffset % this.clusterSize;
+        for (const b of dst) {
+          data.copy(b, 0, pos, pos + b.length);
+          pos += b.length;
+        }
+      }
+    }
+  }
+
+  /** Read from the backing node; what lies past its end reads as zero. */
+  async readBacking(offset: number, bytes: number, dst: Buffer[]): Promise<void> {
+    const backing = this.backing;
+    const avail = backing ? Math.max(0, Math.min(bytes, backing.size() - offset)) : 0;
+    if (avail > 0) await io.preadv(backing!, offset, avail, iovSlice(dst, 0, avail));
+    if (avail < bytes) for (const b of iovSlice(dst, avail, bytes - avail)) b.fill(0);
+  }
+
+  private async decompress(e: L2Entry): Promise<Buffer> {
+    if (this.lastDecompressed?.host === e.compressedOffset) return this.lastDecompressed.data;
+    if (this.header.compressionType !== 0) {
+      throw new VdiskError('ENOTSUP', `qcow2: compression type ${this.header.compressionType === 1 ? 'zstd' : this.header.compressionType} is not supported by this build (zlib only)`);
+    }
+    const fileEnd = this.file.size();
+    const n = Math.max(0, Math.min(e.compressedBytes, fileEnd - e.compressedOffset));
+    const raw = Buffer.alloc(n);
+    if (n) await io.preadv(this.file, e.compressedOffset, n, [raw]);
+    let data: Buffer;
+    try {
+      data = inflateRawSync(raw, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: this.clusterSize });
+    } catch (err) {
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} does not inflate: ${(err as Error).message}`);
+    }
+    if (data.length !== this.clusterSize) {
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} inflates to ${data.length} bytes, not ${this.clusterSize}`);
+    }
+    this.lastDecompressed = { host: e.compressedOffset, data };
+    return data;
+  }
+
+  // -------------------------------------------------------------------------
+  // Writes
+
+  /** Can a write to this range be done in place (no allocation, no metadata change)? */
+  mayAllocate(offset: number, bytes: number): boolean {
+    for (let c = Math.floor(offset / this.clusterSize); c * this.clusterSize < offset + bytes; c++) {
+      const l1Index = Math.floor(c / this.l2Entries);
+      const { offset: l2Offset } = readL1Entry(this.l1, l1Index);
+      const table = l2Offset ? this.l2Cache.peek(l2Offset) : undefined;
+      if (!table) return true;
+      const e = readL2Entry(table, c % this.l2Entries, this.extendedL2, this.clusterBits);
+      if (e.compressed || !e.copied || !e.host) return true;
+      if (this.extendedL2 || e.zeroFlag) {
+        const from = Math.max(offset, c * this.clusterSize);
+        const to = Math.min(offset + bytes, (c + 1) * this.clusterSize);
+        if (e.zeroFlag) return true;
+        for (let sc = Math.floor((from % this.clusterSize) / this.subclusterSize); sc * this.subclusterSize < to - c * this.clusterSize; sc++) {
+          if (!(e.allocMask & 2 ** sc)) return true;
+        }
+      }
+    }
+    return false;
+  }
+
+  async pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    this.checkWritable();
+    for (let done = 0; done < bytes; ) {
+      const pos = offset + done;
+      const n = Math.min(bytes - done, this.clusterSize - (pos % this.clusterSize));
+      await this.writeInCluster(pos, n, iovSlice(iov, done, n));
+      done += n;
+    }
+    await this.flushIfCacheFull();
+  }
+
+  private checkWritable(): void {
+    if (this.ro) throw new VdiskError('EROFS', 'qcow2 image opened read-only');
+  }
+
+  /** Write [offset, offset+bytes) inside one guest cluster. */
+  private async writeInCluster(offset: number, bytes: number, data: Buffer[]): Promise<void> {
+    const cluster = Math.floor(offset / this.clusterSize);
+    const e = await this.entryFor(cluster);
+    if (e && this.canWriteInPlace(e, offset, bytes)) {
+      await this.checkNoMetadata(e.host);
+      return io.pwritev(this.file, e.host + (offset % this.clusterSize), bytes, data);
+    }
+    await this.metaLock.run(() => this.allocatingWrite(cluster, offset, bytes, data));
+  }
+
+  private canWriteInPlace(e: L2Entry, offset: number, bytes: number): boolean {
+    if (e.compressed || !e.host || !e.copied || e.zeroFlag) return false;
+    if (!this.extendedL2) return true;
+    const inCluster = offset % this.clusterSize;
+    for (let sc = Math.floor(inCluster / this.subclusterSize); sc * this.subclusterSize < inCluster + bytes; sc++) {
+      if (!(e.allocMask & 2 ** sc)) return false;
+    }
+    return true;
+  }
+
+  private async checkNoMetadata(host: number): Promise<void> {
+    if (this.metadata.has(host / this.clusterSize)) {
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: refusing to write data over metadata at ${host}`);
+    }
+  }
+
+  /**
+   * A write that needs a new host cluster (or new subclusters): build the
+   * cluster's new contents from the request and whatever it does not cover
+   * (read through this node: old data, zeroes, compressed data or the backing),
+   * write it, then point the L2 entry at it and drop the old cluster.
+   */
+  private async allocatingWrite(cluster: number, offset: number, bytes: number, data: Buffer[]): Promise<void> {
+    const cs = this.clusterSize;
+    const scs = this.subclusterSize;
+    const base = cluster * cs;
+    const old = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    const inPlace = this.canWriteInPlace(old, offset, bytes);
+    if (inPlace) return io.pwritev(this.file, old.host + (offset - base), bytes, data); // someone allocated it meanwhile
+
+    // Which subclusters the new host cluster must hold valid data for.
+    const first = Math.floor((offset - base) / scs);
+    const last = Math.floor((offset + bytes - 1 - base) / scs);
+    const nsc = cs / scs;
+    const reuseHost = Boolean(old.host && old.copied && !old.compressed && this.extendedL2 && !old.zeroFlag);
+    let keepMask = 0; // subclusters whose old data must be carried into a new cluster
+    if (!reuseHost) {
+      for (let sc = 0; sc < nsc; sc++) {
+        if (sc >= first && sc <= last) continue;
+        const kind = subclusterKind(old, sc, this.extendedL2);
+        // Without subclusters every byte of the cluster lives in the new host cluster.
+        if (!this.extendedL2 || kind === 'normal' || kind === 'compressed') keepMask |= 2 ** sc;
+      }
+    }
+
+    const host = reuseHost ? { offset: old.host, fresh: false } : await this.refcounts.allocate(1);
+    await this.checkNoMetadata(host.offset);
+    // Assemble: the touched subclusters around the request, plus the kept ones.
+    const buf = Buffer.alloc(cs);
+    const segments: Array<[number, number]> = [];
+    const addSegment = (from: number, to: number) => {
+      const lastSeg = segments[segments.length - 1];
+      if (lastSeg && lastSeg[1] === from) lastSeg[1] = to;
+      else segments.push([from, to]);
+    };
+    for (let sc = 0; sc < nsc; sc++) {
+      if ((sc >= first && sc <= last) || keepMask & 2 ** sc) addSegment(sc * scs, (sc + 1) * scs);
+    }
+    for (const [from, to] of segments) {
+      // The old contents of the segment outside the request.
+      const reqFrom = Math.max(from, offset - base);
+      const reqTo = Math.min(to, offset + bytes - base);
+      if (reqFrom > from) await this.preadv(base + from, reqFrom - from, [buf.subarray(from, reqFrom)]);
+      if (reqTo < to) await this.preadv(base + Math.max(reqTo, from), to - Math.max(reqTo, from), [buf.subarray(Math.max(reqTo, from), to)]);
+    }
+    let pos = offset - base;
+    for (const b of data) {
+      b.copy(buf, pos);
+      pos += b.length;
+    }
+    // Write the segments; on a fresh cluster (reads zero already) skip all-zero ones.
+    for (const [from, to] of segments) {
+      const seg = buf.subarray(from, to);
+      if (host.fresh && isZero(seg)) continue;
+      await io.pwritev(this.file, host.offset + from, to - from, [seg]);
+    }
+
+    // The data is written: now the L2 entry may point at it.
+    let allocMask = old.allocMask;
+    let zeroMask = old.zeroMask;
+    if (this.extendedL2) {
+      if (!reuseHost) allocMask = old.compressed ? 0 : old.host ? 0 : allocMask; // a new cluster holds only what we copied
+      for (let sc = 0; sc < nsc; sc++) {
+        if ((sc >= first && sc <= last) || keepMask & 2 ** sc) {
+          allocMask |= 2 ** sc;
+          zeroMask &= ~(2 ** sc);
+        }
+      }
+    }
+    await this.setL2Entry(cluster, { host: host.offset, copied: true, zeroFlag: false, allocMask: allocMask >>> 0, zeroMask: zeroMask >>> 0 });
+    if (!reuseHost) this.freeOldCluster(old);
+  }
+
+  /** Drop the reference an old L2 entry held (after the new entry is durable). */
+  private freeOldCluster(old: L2Entry): void {
+    if (old.compressed) {
+      const first = Math.floor(old.compressedOffset / this.clusterSize);
+      const last = Math.floor((old.compressedOffset + old.compressedBytes - 1) / this.clusterSize);
+      for (let c = first; c <= last; c++) this.refcounts.deferFree(c * this.clusterSize);
+    } else if (old.host) {
+      this.refcounts.deferFree(old.host);
+    }
+  }
+
+  /** Point guest cluster `cluster` at a new entry, allocating or un-sharing its L2 table first. */
+  private async setL2Entry(cluster: number, entry: { host: number; copied: boolean; zeroFlag?: boolean; allocMask?: number; zeroMask?: number }): Promise<void> {
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    const l1e = readL1Entry(this.l1, l1Index);
+    let tableOffset = l1e.offset;
+    let table: Buffer;
+    if (!tableOffset) {
+      const { offset } = await this.refcounts.allocate(1);
+      table = Buffer.alloc(this.clusterSize);
+      this.l2Cache.install(offset, table);
+      tableOffset = offset;
+      this.metadata.add(offset / this.clusterSize);
+      writeL1Entry(this.l1, l1Index, offset, true);
+      this.l1Dirty = true;
+    } else {
+      table = await this.l2Cache.get(tableOffset);
+      if (!l1e.copied) {
+        if ((await this.refcounts.get(tableOffset / this.clusterSize)) === 1) {
+          writeL1Entry(this.l1, l1Index, tableOffset, true);
+        } else {
+          // Shared with a snapshot: copy the table before changing it.
+          const { offset } = await this.refcounts.allocate(1);
+          table = Buffer.from(table);
+          this.l2Cache.install(offset, table);
+          this.refcounts.deferFree(tableOffset);
+          this.metadata.add(offset / this.clusterSize);
+          writeL1Entry(this.l1, l1Index, offset, true);
+          tableOffset = offset;
+        }
+        this.l1Dirty = true;
+      }
+    }
+    writeL2Entry(table, cluster % this.l2Entries, this.extendedL2, entry);
+    this.l2Cache.markDirty(tableOffset, table);
+  }
+
+  /** Bounded memory: too many dirty tables means a flush now. */
+  private async flushIfCacheFull(): Promise<void> {
+    if (this.l2Cache.wantsFlush || this.refcounts.cacheWantsFlush) await this.flush();
+  }
+
+  // -------------------------------------------------------------------------
+  // Write-zeroes and discard
+
+  /**
+   * Whole clusters (or subclusters) become zero in metadata. A partial cluster
+   * becomes a zero cluster if the rest of it already reads as zero through the
+   * whole chain (seed 004); otherwise its zeroes are written as data.
+   */
+  async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
+    this.checkWritable();
+    const unit = this.subclusterSize;
+    for (let done = 0; done < bytes; ) {
+      const pos = offset + done;
+      const cluster = Math.floor(pos / this.clusterSize);
+      const n = Math.min(bytes - done, (cluster + 1) * this.clusterSize - pos);
+      await this.metaLock.run(() => this.zeroInCluster(cluster, pos, n, Boolean(flags.mayUnmap), unit));
+      done += n;
+    }
+    await this.flushIfCacheFull();
+  }
+
+  private async zeroInCluster(cluster: number, offset: number, bytes: number, mayUnmap: boolean, unit: number): Promise<void> {
+    const base = cluster * this.clusterSize;
+    const old = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    // Widen to whole units when the rest of those units already reads as zero.
+    let from = offset - base;
+    let to = from + bytes;
+    if (from % unit || to % unit) {
+      const wFrom = Math.floor(from / unit) * unit;
+      const wTo = Math.min(this.clusterSize, Math.ceil(to / unit) * unit);
+      const probe = Buffer.alloc(wTo - wFrom);
+      await this.preadv(base + wFrom, wTo - wFrom, [probe]);
+      probe.fill(0, from - wFrom, to - wFrom);
+      if (isZero(probe)) {
+        from = wFrom;
+        to = wTo;
+      } else {
+        // Zero the partial units as data; the aligned middle (if any) as metadata.
+        const midFrom = Math.ceil(from / unit) * unit;
+        const midTo = Math.floor(to / unit) * unit;
+        const zeroData = async (a: number, b: number) => {
+          if (b > a) await this.allocatingWrite(cluster, base + a, b - a, [Buffer.alloc(b - a)]);
+        };
+        await zeroData(from, Math.min(to, midFrom));
+        if (midTo > midFrom) await this.zeroInCluster(cluster, base + midFrom, midTo - midFrom, mayUnmap, unit);
+        await zeroData(Math.max(from, midTo), to);
+        return;
+      }
+    }
+    if (this.header.version === 2) return this.zeroV2(cluster, old, from, to);
+    if (!this.extendedL2) {
+      // from..to is the whole cluster here (unit = cluster).
+      const keepHost = !mayUnmap && old.host && old.copied && !old.compressed;
+      await this.setL2Entry(cluster, { host: keepHost ? old.host : 0, copied: Boolean(keepHost), zeroFlag: true });
+      if (!keepHost) this.freeOldCluster(old);
+      return;
+    }
+    let allocMask = old.compressed ? 0 : old.allocMask;
+    let zeroMask = old.compressed ? 0 : old.zeroMask;
+    if (old.compressed) {
+      // Compressed clusters have no subclusters: the untouched part must survive as data.
+      if (from > 0 || to < this.clusterSize) {
+        const rest = Buffer.alloc(this.clusterSize);
+        await this.preadv(base, this.clusterSize, [rest]);
+        rest.fill(0, from, to);
+        await this.allocatingWrite(cluster, base, this.clusterSize, [rest]);
+        return;
+      }
+    }
+    for (let sc = from / unit; sc < to / unit; sc++) {
+      allocMask &= ~(2 ** sc);
+      zeroMask |= 2 ** sc;
+    }
+    const freeHost = allocMask === 0 && (mayUnmap || old.compressed || !old.copied);
+    await this.setL2Entry(cluster, {
+      host: freeHost || old.compressed ? 0 : old.host,
+      copied: !freeHost && !old.compressed && old.copied && Boolean(old.host),
+      allocMask: allocMask >>> 0,
+      zeroMask: zeroMask >>> 0,
+    });
+    if (freeHost || old.compressed) this.freeOldCluster(old);
+  }
+
+  /** Version 2 has no zero flag: unallocated reads zero only if nothing below shows through. */
+  private async zeroV2(cluster: number, old: L2Entry, from: number, to: number): Promise<void> {
+    const base = cluster * this.clusterSize;
+    const backingZero = await this.backingReadsZero(base, this.clusterSize);
+    if (backingZero) {
+      if (old.host || old.compressed) {
+        await this.setL2Entry(cluster, { host: 0, copied: false });
+        this.freeOldCluster(old);
+      }
+      return;
+    }
+    await this.allocatingWrite(cluster, base + from, to - from, [Buffer.alloc(to - from)]);
+  }
+
+  private async backingReadsZero(offset: number, bytes: number): Promise<boolean> {
+    const b = this.backing;
+    if (!b || offset >= b.size()) return true;
+    const { blockStatusAbove } = await import('../../block/block-status.js');
+    const end = Math.min(offset + bytes, b.size());
+    for (let pos = offset; pos < end; ) {
+      const st = await blockStatusAbove(b, pos, end - pos);
+      if (!st.zero) return false;
+      pos += st.bytes;
+    }
+    return true;
+  }
+
+  /**
+   * Free whole clusters. Where a backing node would show through, a zero
+   * cluster (v3) keeps the range reading as zero; in v2 that cluster is left alone.
+   */
+  async pdiscard(offset: number, bytes: number): Promise<void> {
+    this.checkWritable();
+    for (let pos = offset; pos < offset + bytes; pos += this.clusterSize) {
+      const cluster = Math.floor(pos / this.clusterSize);
+      await this.metaLock.run(async () => {
+        const old = await this.entryFor(cluster);
+        if (!old) return;
+        const showsThrough = !(await this.backingReadsZero(pos, this.clusterSize));
+        if (showsThrough) {
+          if (this.header.version === 2) return;
+          if (this.extendedL2) await this.setL2Entry(cluster, { host: 0, copied: false, allocMask: 0, zeroMask: 0xffffffff });
+          else await this.setL2Entry(cluster, { host: 0, copied: false, zeroFlag: true });
+        } else {
+          if (!old.host && !old.compressed && !old.zeroFlag && !old.zeroMask) return;
+          await this.setL2Entry(cluster, { host: 0, copied: false });
+        }
+        this.freeOldCluster(old);
+      });
+    }
+    await this.flushIfCacheFull();
+  }
+
+  // -------------------------------------------------------------------------
+  // Block status
+
+  async blockStatus(offset: number, bytes: number): Promise<DriverBlockStatus> {
+    const p = await this.piece(offset, bytes);
+    let n = p.bytes;
+    // Extend over following pieces of the same kind (and contiguous host offsets).
+    while (offset + n < offset + bytes && n < 64 * this.clusterSize) {
+      const q = await this.piece(offset + n, bytes - n);
+      if (q.kind !== p.kind || (p.kind === 'normal' && q.host !== p.host + n)) break;
+      n += q.bytes;
+    }
+    switch (p.kind) {
+      case 'normal':
+        return { bytes: n, allocated: true, zero: false, data: true, hostOffset: p.host };
+      case 'compressed':
+        return { bytes: n, allocated: true, zero: false, data: true };
+      case 'zero':
+        return { bytes: n, allocated: true, zero: true, data: false };
+      default:
+        return { bytes: n, allocated: false, zero: !this.backing, data: false };
+    }
+  }
+
+  // -------------------------------------------------------------------------
+  // Flush and close
+
+  /** The ordered metadata write-out described at the top of this file. */
+  async flush(): Promise<void> {
+    if (this.ro) return;
+    await this.metaLock.run(async () => {
+      await this.refcounts.writeDirty();
+      await io.flush(this.file);
+      const l2Written = await this.l2Cache.writeDirty();
+      if (this.l1Dirty) {
+        this.l1Dirty = false;
+        await io.pwritev(this.file, this.header.l1TableOffset, this.l1.length, [Buffer.from(this.l1)]);
+      }
+      if (l2Written || this.refcounts.hasPendingFrees) await io.flush(this.file);
+      if (this.refcounts.hasPendingFrees) await this.releaseFreed();
+    });
+  }
+
+  /** Apply held-back frees, give their space back to the host, shrink the file if its end is free. */
+  private async releaseFreed(): Promise<void> {
+    const freed = await this.refcounts.applyFrees();
+    for (const off of freed) {
+      this.metadata.delete(off / this.clusterSize);
+      this.l2Cache.drop(off);
+    }
+    await this.refcounts.writeDirty();
+    await io.flush(this.file);
+    for (const off of freed) {
+      try {
+        await io.pdiscard(this.file, off, Math.min(this.clusterSize, Math.max(0, this.file.size() - off)));
+      } catch {
+        // Returning space is best effort.
+      }
+    }
+    const usedEnd = await this.refcounts.usedEnd();
+    const fileDriver = this.file.driver as { truncate?: (size: number) => Promise<void> };
+    if (usedEnd < this.file.size() && fileDriver.truncate) {
+      await fileDriver.truncate(usedEnd);
+      this.refcounts.truncated(usedEnd);
+      trace('file shrunk to %d', usedEnd);
+    }
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await this.file.driver.allocatedBytes?.()) ?? this.file.size();
+  }
+
+  async close(): Promise<void> {
+    if (!this.ro) await this.flush();
+    await this.file.close();
+  }
+}
