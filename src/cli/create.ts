@@ -27,6 +27,7 @@ export function createOptions(y: Argv): Argv<CreateArgs> {
       alias: 'o',
       type: 'string',
       array: true,
+      nargs: 1,
       default: [],
       describe: 'qcow2: cluster_size=64k,compat=1.1|0.10,extended_l2=on,refcount_bits=16,lazy_refcounts=on,preallocation=metadata',
     })

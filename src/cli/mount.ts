@@ -62,6 +62,7 @@ export function mountOptions(y: Argv): Argv<MountArgs> {
     .option('inject', {
       type: 'string',
       array: true,
+      nargs: 1,
       default: [],
       describe: 'fault injection for testing: OP:CODE[@OFFSET[+BYTES]][*COUNT], OP one of read|write|zero|discard|flush|status, e.g. read:EIO@1048576+4096',
     }) as unknown as Argv<MountArgs>;

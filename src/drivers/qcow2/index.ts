@@ -455,6 +455,8 @@ export class Qcow2Driver implements BlockDriver {
       if (host.fresh && isZero(seg)) continue;
       await io.pwritev(this.file, host.offset + from, to - from, [seg]);
     }
+    // A cluster must lie inside the file even when nothing was written to its end.
+    await this.coverInFile(host.offset + cs);
 
     // The data is written: now the L2 entry may point at it.
     let allocMask = old.allocMask;
@@ -470,6 +472,14 @@ export class Qcow2Driver implements BlockDriver {
     }
     await this.setL2Entry(cluster, { host: host.offset, copied: true, zeroFlag: false, allocMask: allocMask >>> 0, zeroMask: zeroMask >>> 0 });
     if (!reuseHost) this.freeOldCluster(old);
+  }
+
+  /** Grow the host file (sparsely) so that it reaches `end`. */
+  private async coverInFile(end: number): Promise<void> {
+    if (this.file.size() >= end) return;
+    const fileDriver = this.file.driver;
+    if (fileDriver.truncate) await fileDriver.truncate(end);
+    else await io.pwritev(this.file, end - 512, 512, [Buffer.alloc(512)]);
   }
 
   /** Drop the reference an old L2 entry held (after the new entry is durable). */
