@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import type { ZeroFlags } from './driver.js';
 import type { BlockNode } from './node.js';
 import { computePadding, type Padding } from './padding.js';
-import { iovBytes, iovIsZero, iovSlice } from './iov.js';
+import { iovBytes, iovIsZero, iovSlice, isZero } from './iov.js';
 import { MAX_ZERO_BOUNCE_BYTES } from './limits.js';
 import type { TrackedRequest } from './tracked-requests.js';
 import { VdiskError, isNotSupported } from '../errors.js';
@@ -216,6 +216,9 @@ async function rmwZero(node: BlockNode, block: number, from: number, to: number)
   const buf = Buffer.allocUnsafe(align);
   await alignedPreadv(node, block, align, [buf]);
   buf.fill(0, from, to);
+  // A block that will read as zero anyway is a write-zeroes of the whole block:
+  // the driver can do it as metadata instead of allocating (seed 004).
+  if (isZero(buf)) return alignedPwriteZeroes(node, block, align, false);
   await alignedPwritev(node, block, align, [buf]);
 }
 
