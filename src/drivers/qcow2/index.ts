@@ -40,6 +40,8 @@ import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
 
 const trace = tracer('qcow2');
+/** What an unmapped cluster looks like. */
+const UNALLOCATED: L2Entry = Object.freeze({ host: 0, copied: false, compressed: false, zeroFlag: false, allocMask: 0, zeroMask: 0, compressedOffset: 0, compressedBytes: 0 });
 
 /** Default memory for cached L2 tables (QEMU's default is 1 MiB of L2 per... this covers 32 GiB at 64 KiB clusters). */
 export const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
@@ -226,9 +228,24 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async entryFor(cluster: number): Promise<L2Entry | null> {
+    const cached = this.cachedEntryFor(cluster);
+    if (cached !== undefined) return cached;
     const l2 = await this.l2For(cluster);
     if (!l2) return null;
     const e = readL2Entry(l2.table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
+    this.checkEntry(e, cluster);
+    return e;
+  }
+
+  /** The entry without I/O: null if unmapped, undefined if its L2 table is not cached. */
+  private cachedEntryFor(cluster: number): L2Entry | null | undefined {
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    if (l1Index >= this.header.l1Size) return null;
+    const { offset } = readL1Entry(this.l1, l1Index);
+    if (!offset) return null;
+    const table = this.l2Cache.peek(offset);
+    if (!table) return undefined;
+    const e = readL2Entry(table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
     this.checkEntry(e, cluster);
     return e;
   }
@@ -248,9 +265,14 @@ export class Qcow2Driver implements BlockDriver {
 
   /** The longest prefix of [offset, offset+bytes) inside one cluster with one kind. */
   private async piece(offset: number, bytes: number): Promise<Piece> {
-    const cluster = Math.floor(offset / this.clusterSize);
+    const cached = this.cachedEntryFor(Math.floor(offset / this.clusterSize));
+    // The common case (L2 table cached) answers without awaiting anything.
+    return this.pieceOf(offset, bytes, cached === undefined ? await this.entryFor(Math.floor(offset / this.clusterSize)) : cached);
+  }
+
+  private pieceOf(offset: number, bytes: number, found: L2Entry | null): Piece {
     const inCluster = offset % this.clusterSize;
-    const entry = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    const entry = found ?? UNALLOCATED;
     const clusterRest = Math.min(bytes, this.clusterSize - inCluster);
     const sc = Math.floor(inCluster / this.subclusterSize);
     const kind = subclusterKind(entry, sc, this.extendedL2);
@@ -355,13 +377,58 @@ export class Qcow2Driver implements BlockDriver {
 
   async pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
     this.checkWritable();
+    const cs = this.clusterSize;
     for (let done = 0; done < bytes; ) {
       const pos = offset + done;
-      const n = Math.min(bytes - done, this.clusterSize - (pos % this.clusterSize));
+      // Whole clusters that need new host clusters: one allocation, one data write.
+      if (pos % cs === 0 && bytes - done >= cs) {
+        const written = await this.metaLock.run(() => this.allocateWholeClusters(pos / cs, Math.floor((bytes - done) / cs), iovSlice(iov, done, bytes - done)));
+        if (written) {
+          done += written;
+          continue;
+        }
+      }
+      const n = Math.min(bytes - done, cs - (pos % cs));
       await this.writeInCluster(pos, n, iovSlice(iov, done, n));
       done += n;
     }
     await this.flushIfCacheFull();
+  }
+
+  /**
+   * Up to `max` guest clusters from `first` that the write covers entirely and
+   * that cannot be written in place get one contiguous run of new host
+   * clusters: nothing of their old contents survives, so nothing is copied.
+   * Returns the bytes written (0: the first cluster is writable in place).
+   */
+  private async allocateWholeClusters(first: number, max: number, data: Buffer[]): Promise<number> {
+    let n = 0;
+    const old: L2Entry[] = [];
+    while (n < max && n < 256) {
+      const e = (await this.entryFor(first + n)) ?? UNALLOCATED;
+      if (this.canWriteInPlace(e, (first + n) * this.clusterSize, this.clusterSize)) break;
+      // Stay inside one L2 table so that the entries are updated in one go.
+      if (n > 0 && Math.floor((first + n) / this.l2Entries) !== Math.floor(first / this.l2Entries)) break;
+      old.push(e);
+      n++;
+    }
+    if (!n) return 0;
+    const bytes = n * this.clusterSize;
+    const host = await this.refcounts.allocate(n);
+    await this.checkNoMetadata(host.offset);
+    await io.pwritev(this.file, host.offset, bytes, iovSlice(data, 0, bytes));
+    const { table, offset } = await this.l2TableForWrite(first);
+    for (let i = 0; i < n; i++) {
+      writeL2Entry(table, (first + i) % this.l2Entries, this.extendedL2, {
+        host: host.offset + i * this.clusterSize,
+        copied: true,
+        allocMask: 0xffffffff,
+        zeroMask: 0,
+      });
+    }
+    this.l2Cache.markDirty(offset, table);
+    for (const e of old) this.freeOldCluster(e);
+    return bytes;
   }
 
   private checkWritable(): void {
@@ -405,7 +472,7 @@ export class Qcow2Driver implements BlockDriver {
     const cs = this.clusterSize;
     const scs = this.subclusterSize;
     const base = cluster * cs;
-    const old = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    const old = (await this.entryFor(cluster)) ?? UNALLOCATED;
     const inPlace = this.canWriteInPlace(old, offset, bytes);
     if (inPlace) return io.pwritev(this.file, old.host + (offset - base), bytes, data); // someone allocated it meanwhile
 
@@ -495,38 +562,44 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Point guest cluster `cluster` at a new entry, allocating or un-sharing its L2 table first. */
   private async setL2Entry(cluster: number, entry: { host: number; copied: boolean; zeroFlag?: boolean; allocMask?: number; zeroMask?: number }): Promise<void> {
+    const { table, offset } = await this.l2TableForWrite(cluster);
+    writeL2Entry(table, cluster % this.l2Entries, this.extendedL2, entry);
+    this.l2Cache.markDirty(offset, table);
+  }
+
+  /**
+   * The L2 table of `cluster`, ready to be changed: allocated if the L1 entry is
+   * empty, copied first if it is shared with a snapshot. Callers change entries
+   * synchronously and then mark it dirty.
+   */
+  private async l2TableForWrite(cluster: number): Promise<{ table: Buffer; offset: number }> {
     const l1Index = Math.floor(cluster / this.l2Entries);
     const l1e = readL1Entry(this.l1, l1Index);
-    let tableOffset = l1e.offset;
-    let table: Buffer;
-    if (!tableOffset) {
+    if (!l1e.offset) {
       const { offset } = await this.refcounts.allocate(1);
-      table = Buffer.alloc(this.clusterSize);
+      const table = Buffer.alloc(this.clusterSize);
       this.l2Cache.install(offset, table);
-      tableOffset = offset;
       this.metadata.add(offset / this.clusterSize);
       writeL1Entry(this.l1, l1Index, offset, true);
       this.l1Dirty = true;
-    } else {
-      table = await this.l2Cache.get(tableOffset);
-      if (!l1e.copied) {
-        if ((await this.refcounts.get(tableOffset / this.clusterSize)) === 1) {
-          writeL1Entry(this.l1, l1Index, tableOffset, true);
-        } else {
-          // Shared with a snapshot: copy the table before changing it.
-          const { offset } = await this.refcounts.allocate(1);
-          table = Buffer.from(table);
-          this.l2Cache.install(offset, table);
-          this.refcounts.deferFree(tableOffset);
-          this.metadata.add(offset / this.clusterSize);
-          writeL1Entry(this.l1, l1Index, offset, true);
-          tableOffset = offset;
-        }
-        this.l1Dirty = true;
-      }
+      return { table, offset };
     }
-    writeL2Entry(table, cluster % this.l2Entries, this.extendedL2, entry);
-    this.l2Cache.markDirty(tableOffset, table);
+    let table = await this.l2Cache.get(l1e.offset);
+    if (l1e.copied) return { table, offset: l1e.offset };
+    if ((await this.refcounts.get(l1e.offset / this.clusterSize)) === 1) {
+      writeL1Entry(this.l1, l1Index, l1e.offset, true);
+      this.l1Dirty = true;
+      return { table, offset: l1e.offset };
+    }
+    // Shared with a snapshot: copy the table before changing it.
+    const { offset } = await this.refcounts.allocate(1);
+    table = Buffer.from(table);
+    this.l2Cache.install(offset, table);
+    this.refcounts.deferFree(l1e.offset);
+    this.metadata.add(offset / this.clusterSize);
+    writeL1Entry(this.l1, l1Index, offset, true);
+    this.l1Dirty = true;
+    return { table, offset };
   }
 
   /** Bounded memory: too many dirty tables means a flush now. */
@@ -544,20 +617,50 @@ export class Qcow2Driver implements BlockDriver {
    */
   async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
     this.checkWritable();
+    const cs = this.clusterSize;
     const unit = this.subclusterSize;
+    const mayUnmap = Boolean(flags.mayUnmap);
     for (let done = 0; done < bytes; ) {
       const pos = offset + done;
-      const cluster = Math.floor(pos / this.clusterSize);
-      const n = Math.min(bytes - done, (cluster + 1) * this.clusterSize - pos);
-      await this.metaLock.run(() => this.zeroInCluster(cluster, pos, n, Boolean(flags.mayUnmap), unit));
+      const cluster = Math.floor(pos / cs);
+      // v3: whole clusters become zero clusters a table at a time, without per-cluster awaits.
+      if (this.header.version === 3 && pos % cs === 0 && bytes - done >= cs) {
+        const n = await this.metaLock.run(() => this.zeroWholeClusters(cluster, Math.floor((bytes - done) / cs), mayUnmap));
+        done += n * cs;
+        await this.flushIfCacheFull();
+        continue;
+      }
+      const n = Math.min(bytes - done, (cluster + 1) * cs - pos);
+      await this.metaLock.run(() => this.zeroInCluster(cluster, pos, n, mayUnmap, unit));
       done += n;
     }
     await this.flushIfCacheFull();
   }
 
+  /** Zero up to `max` whole clusters from `first`, within one L2 table; returns how many. */
+  private async zeroWholeClusters(first: number, max: number, mayUnmap: boolean): Promise<number> {
+    const n = Math.min(max, this.l2Entries - (first % this.l2Entries));
+    const { table, offset } = await this.l2TableForWrite(first);
+    for (let i = 0; i < n; i++) {
+      const index = (first + i) % this.l2Entries;
+      const old = readL2Entry(table, index, this.extendedL2, this.clusterBits);
+      this.checkEntry(old, first + i);
+      // Keep a host cluster we own unless asked to unmap (preallocated zeroes).
+      const keepHost = !mayUnmap && Boolean(old.host) && old.copied && !old.compressed;
+      if (this.extendedL2) {
+        writeL2Entry(table, index, true, { host: keepHost ? old.host : 0, copied: keepHost, allocMask: 0, zeroMask: 0xffffffff });
+      } else {
+        writeL2Entry(table, index, false, { host: keepHost ? old.host : 0, copied: keepHost, zeroFlag: true });
+      }
+      if (!keepHost) this.freeOldCluster(old);
+    }
+    this.l2Cache.markDirty(offset, table);
+    return n;
+  }
+
   private async zeroInCluster(cluster: number, offset: number, bytes: number, mayUnmap: boolean, unit: number): Promise<void> {
     const base = cluster * this.clusterSize;
-    const old = (await this.entryFor(cluster)) ?? readL2Entry(Buffer.alloc(16), 0, this.extendedL2, this.clusterBits);
+    const old = (await this.entryFor(cluster)) ?? UNALLOCATED;
     // Widen to whole units when the rest of those units already reads as zero.
     let from = offset - base;
     let to = from + bytes;
