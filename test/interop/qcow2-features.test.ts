@@ -76,16 +76,16 @@ describe('qcow2 features', () => {
     for (let off = 0; off < SIZE; off += 256 * 1024) expect(depthAt(ours, off), `depth at ${off}`).toBe(depthAt(theirs, off));
   });
 
-  it('compressed clusters (qemu-img convert -c) read right, and writes over them copy them out', async () => {
+  it('compressed clusters (qemu-img convert -c, zlib and zstd) read right, and writes over them copy them out', async () => {
     const src = path.join(dir, 'comp-src.raw');
     const data = Buffer.alloc(SIZE);
     for (let i = 0; i < SIZE; i += 4096) data.write(`block ${i} `.repeat(200), i, 4096);
     fs.writeFileSync(src, data);
-    for (const cs of ['64k', '4k']) {
-      const image = path.join(dir, `comp-${cs}.qcow2`);
-      ok(`qemu-img convert -c -O qcow2 -o cluster_size=${cs} ${src} ${image}`);
+    for (const [cs, type] of [['64k', 'zlib'], ['4k', 'zlib'], ['64k', 'zstd']] as const) {
+      const image = path.join(dir, `comp-${cs}-${type}.qcow2`);
+      ok(`qemu-img convert -c -O qcow2 -o cluster_size=${cs},compression_type=${type} ${src} ${image}`);
       expect((await readAll(image)).equals(data)).toBe(true);
-      const model = path.join(dir, `comp-${cs}.model`);
+      const model = path.join(dir, `comp-${cs}-${type}.model`);
       fs.copyFileSync(src, model);
       const m = await Mount.start(image, `${image}.mnt`);
       try {

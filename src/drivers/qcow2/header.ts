@@ -131,6 +131,7 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   if (h.incompatibleFeatures & INCOMPAT_COMPRESSION ? h.compressionType === 0 : h.compressionType !== 0) {
     throw corrupt(`compression_type ${h.compressionType} does not match the compression type feature bit`);
   }
+  if (h.compressionType > 1) throw new VdiskError('ERR_IMAGE_FORMAT', `qcow2: unknown compression type ${h.compressionType}`);
   if (h.size % 512 !== 0) throw corrupt(`virtual size ${h.size} is not a multiple of 512`);
 
   // Tables: aligned, inside the file, of bounded size.

@@ -17,6 +17,7 @@
  * take `metaLock`, so two allocations never interleave at an await.
  */
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
+import { Decompress } from 'fzstd';
 import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import * as io from '../../block/io.js';
@@ -40,6 +41,27 @@ import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
 
 const trace = tracer('qcow2');
+/**
+ * One zstd frame holding a cluster. The bytes after it belong to the next
+ * compressed cluster, so decoding stops once the cluster is complete.
+ */
+function zstdCluster(raw: Buffer, clusterSize: number): Buffer {
+  const out = Buffer.alloc(clusterSize);
+  let got = 0;
+  const d = new Decompress((chunk) => {
+    const n = Math.min(chunk.length, clusterSize - got);
+    out.set(chunk.subarray(0, n), got);
+    got += n;
+  });
+  try {
+    d.push(raw, true);
+  } catch (err) {
+    if (got < clusterSize) throw err; // trailing bytes of the next cluster are not an error
+  }
+  if (got !== clusterSize) throw new Error(`zstd frame gave ${got} bytes`);
+  return out;
+}
+
 /** What an unmapped cluster looks like. */
 const UNALLOCATED: L2Entry = Object.freeze({ host: 0, copied: false, compressed: false, zeroFlag: false, allocMask: 0, zeroMask: 0, compressedOffset: 0, compressedBytes: 0 });
 
@@ -331,18 +353,15 @@ export class Qcow2Driver implements BlockDriver {
 
   private async decompress(e: L2Entry): Promise<Buffer> {
     if (this.lastDecompressed?.host === e.compressedOffset) return this.lastDecompressed.data;
-    if (this.header.compressionType !== 0) {
-      throw new VdiskError('ENOTSUP', `qcow2: compression type ${this.header.compressionType === 1 ? 'zstd' : this.header.compressionType} is not supported by this build (zlib only)`);
-    }
     const fileEnd = this.file.size();
     const n = Math.max(0, Math.min(e.compressedBytes, fileEnd - e.compressedOffset));
     const raw = Buffer.alloc(n);
     if (n) await io.preadv(this.file, e.compressedOffset, n, [raw]);
     let data: Buffer;
     try {
-      data = inflateRawSync(raw, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: this.clusterSize });
+      data = this.header.compressionType === 1 ? zstdCluster(raw, this.clusterSize) : inflateRawSync(raw, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: this.clusterSize });
     } catch (err) {
-      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} does not inflate: ${(err as Error).message}`);
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} does not decompress: ${(err as Error).message}`);
     }
     if (data.length !== this.clusterSize) {
       throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} inflates to ${data.length} bytes, not ${this.clusterSize}`);
