@@ -127,32 +127,41 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
 
   for (const ext of h.extensions) {
     if (ext.type === EXT_CRYPTO && ext.data.length >= 16) ref(Number(ext.data.readBigUInt64BE(0)), Number(ext.data.readBigUInt64BE(8)), 'encryption header');
-    if (ext.type === EXT_BITMAPS && ext.data.length >= 24) {
-      const nb = ext.data.readUInt32BE(0);
-      const dirSize = Number(ext.data.readBigUInt64BE(8));
-      const dirOffset = Number(ext.data.readBigUInt64BE(16));
-      if (dirSize > 64 * 1024 * 1024 || !ref(dirOffset, dirSize, 'bitmap directory')) continue;
-      const dir = Buffer.alloc(dirSize);
-      await io.preadv(drv.file, dirOffset, dirSize, [dir]);
-      let pos = 0;
-      for (let b = 0; b < nb && pos + 24 <= dir.length; b++) {
-        const tableOffset = Number(dir.readBigUInt64BE(pos));
-        const tableSize = dir.readUInt32BE(pos + 8);
-        const nameSize = dir.readUInt16BE(pos + 18);
-        const extraSize = dir.readUInt32BE(pos + 20);
-        if (tableSize * 8 <= 64 * 1024 * 1024 && ref(tableOffset, tableSize * 8, 'bitmap table')) {
-          const t = Buffer.alloc(tableSize * 8);
-          await io.preadv(drv.file, tableOffset, t.length, [t]);
-          for (let i = 0; i < tableSize; i++) {
-            const off = readL1Entry(t, i).offset;
-            if (off) ref(off, cs, 'bitmap data');
-          }
-        }
-        pos += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
-      }
-    }
+    if (ext.type === EXT_BITMAPS) for (const r of await bitmapRanges(drv, ext.data)) ref(r.offset, r.bytes, r.what);
   }
   return w;
+}
+
+/** Every range the persistent bitmaps of the bitmaps extension occupy (directory, tables, data). */
+export async function bitmapRanges(drv: Qcow2Driver, ext: Buffer): Promise<Array<{ offset: number; bytes: number; what: string }>> {
+  const out: Array<{ offset: number; bytes: number; what: string }> = [];
+  if (ext.length < 24) return out;
+  const nb = ext.readUInt32BE(0);
+  const dirSize = Number(ext.readBigUInt64BE(8));
+  const dirOffset = Number(ext.readBigUInt64BE(16));
+  const fileSize = drv.file.size();
+  if (dirSize > 64 * 1024 * 1024 || dirOffset + dirSize > fileSize) return [{ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' }];
+  out.push({ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' });
+  const dir = Buffer.alloc(dirSize);
+  await io.preadv(drv.file, dirOffset, dirSize, [dir]);
+  let pos = 0;
+  for (let b = 0; b < nb && pos + 24 <= dir.length; b++) {
+    const tableOffset = Number(dir.readBigUInt64BE(pos));
+    const tableSize = dir.readUInt32BE(pos + 8);
+    const nameSize = dir.readUInt16BE(pos + 18);
+    const extraSize = dir.readUInt32BE(pos + 20);
+    out.push({ offset: tableOffset, bytes: tableSize * 8, what: 'bitmap table' });
+    if (tableSize * 8 <= 64 * 1024 * 1024 && tableOffset + tableSize * 8 <= fileSize) {
+      const t = Buffer.alloc(tableSize * 8);
+      await io.preadv(drv.file, tableOffset, t.length, [t]);
+      for (let i = 0; i < tableSize; i++) {
+        const off = readL1Entry(t, i).offset;
+        if (off) out.push({ offset: off, bytes: drv.clusterSize, what: 'bitmap data' });
+      }
+    }
+    pos += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
+  }
+  return out;
 }
 
 async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {

@@ -27,6 +27,7 @@ import { tracer } from '../../trace.js';
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
+  EXT_BITMAPS,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
@@ -207,6 +208,20 @@ export class Qcow2Driver implements BlockDriver {
       h.autoclearFeatures &= ~(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
       rewrite = true;
     }
+    // Persistent dirty bitmaps would go stale under writes vdisk does not track:
+    // drop them (header first, then their clusters) instead of leaving them to leak.
+    const bitmaps = h.extensions.find((e) => e.type === EXT_BITMAPS);
+    let bitmapClusters: number[] = [];
+    if (bitmaps) {
+      const { bitmapRanges } = await import('./check.js');
+      for (const r of await bitmapRanges(this, bitmaps.data)) {
+        for (let c = Math.floor(r.offset / this.clusterSize); c < Math.ceil((r.offset + r.bytes) / this.clusterSize); c++) bitmapClusters.push(c);
+      }
+      bitmapClusters = [...new Set(bitmapClusters)];
+      h.extensions = h.extensions.filter((e) => e !== bitmaps);
+      this.warnings.push(`dropped its persistent dirty bitmaps (vdisk does not keep them up to date)`);
+      rewrite = true;
+    }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       const { repairImage } = await import('./check.js');
       this.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
@@ -215,6 +230,10 @@ export class Qcow2Driver implements BlockDriver {
       rewrite = true;
     }
     if (rewrite) await this.writeHeader();
+    if (bitmapClusters.length) {
+      for (const c of bitmapClusters) this.refcounts.deferFree(c * this.clusterSize);
+      await this.flush();
+    }
   }
 
   /** Rewrite the header cluster's metadata area (extensions preserved), then flush. */
