@@ -97,7 +97,6 @@ measure() { # name start_fn run
 
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
-# Alternate the servers so that machine noise and drift fall on both alike.
 # Alternate which server goes first: the first reads after the images are written
 # are measurably slower on this kind of VM, whoever does them.
 for run in $(seq "$RUNS"); do
