@@ -30,6 +30,9 @@ export const ERROR_TABLE = {
   ERR_NOT_MOUNTED: { errno: E.EINVAL, message: 'nothing is mounted there' },
   ERR_NO_FUSE: { errno: E.ENODEV, message: '/dev/fuse is missing or not accessible' },
   ERR_FUSE_MOUNT: { errno: E.EIO, message: 'the FUSE mount failed' },
+  ERR_HTTP: { errno: E.EIO, message: 'the HTTP server gave an unusable answer' },
+  ERR_HTTP_NO_RANGES: { errno: E.EIO, message: 'the HTTP server does not do range requests' },
+  ERR_REMOTE_CHANGED: { errno: E.EIO, message: 'the remote image changed since it was opened' },
   ERR_NATIVE_ADDON: { errno: E.ENOSYS, message: 'the native addon is not built' },
 } as const;
 

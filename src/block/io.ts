@@ -13,6 +13,7 @@
 import assert from 'node:assert/strict';
 import type { ZeroFlags } from './driver.js';
 import type { BlockNode } from './node.js';
+import { blockStatus } from './block-status.js';
 import { computePadding, type Padding } from './padding.js';
 import { iovBytes, iovIsZero, iovSlice, isZero } from './iov.js';
 import { MAX_ZERO_BOUNCE_BYTES } from './limits.js';
@@ -60,6 +61,10 @@ export async function preadv(node: BlockNode, offset: number, bytes: number, iov
   const pad = computePadding(offset, bytes, node.limits.requestAlignment);
   const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'read');
   try {
+    if (node.copyOnRead && node.backing && !node.readOnly) {
+      await copyOnReadv(node, req, offset, bytes, iov);
+      return;
+    }
     await node.tracker.waitSerialising(req);
     if (!pad) {
       await alignedPreadv(node, offset, bytes, iov);
@@ -81,6 +86,64 @@ async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov
   for (let done = 0; done < bytes; done += maxTransfer) {
     const n = Math.min(maxTransfer, bytes - done);
     await node.driver.preadv(offset + done, n, iovSlice(iov, done, n));
+  }
+}
+
+/**
+ * Copy-on-read (seed 003): the read is widened to whole clusters; clusters the
+ * top node lacks are read through the chain, handed to the caller, and written
+ * into the top node (all-zero ones as write-zeroes). The request is serialising
+ * at cluster granularity and looks at the allocation only once it runs, so a
+ * guest write that landed meanwhile is never overwritten. A failed copy (disk
+ * full) does not fail the read.
+ */
+async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  const granularity = node.driver.allocationAlignment ?? node.limits.requestAlignment;
+  const size = node.size();
+  const start = offset - (offset % granularity);
+  const end = Math.min(size, Math.ceil((offset + bytes) / granularity) * granularity);
+  node.tracker.markSerialising(req, granularity);
+  await node.tracker.waitSerialising(req);
+  for (let pos = start; pos < end; ) {
+    const st = await blockStatus(node, pos, end - pos);
+    const n = st.bytes;
+    // The part of [pos, pos+n) the caller asked for.
+    const from = Math.max(pos, offset);
+    const to = Math.min(pos + n, offset + bytes);
+    if (st.allocated) {
+      if (to > from) await readAligned(node, from, to - from, iovSlice(iov, from - offset, to - from));
+    } else {
+      const bounce = Buffer.allocUnsafe(n);
+      await alignedPreadv(node, pos, n, [bounce]);
+      node.corStats.bytesFromBacking += n;
+      if (to > from) copyInto(iovSlice(iov, from - offset, to - from), bounce.subarray(from - pos, to - pos));
+      try {
+        if (isZero(bounce)) await alignedPwriteZeroes(node, pos, n, false);
+        else await alignedPwritev(node, pos, n, [bounce]);
+        node.corStats.bytesCopied += n;
+      } catch (err) {
+        node.corStats.copyFailures++;
+        trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, pos, n, (err as Error).message);
+      }
+    }
+    pos += n;
+  }
+}
+
+/** Read an arbitrary (possibly unaligned) range from the driver, padding through a bounce buffer. */
+async function readAligned(node: BlockNode, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  const pad = computePadding(offset, bytes, node.limits.requestAlignment);
+  if (!pad) return alignedPreadv(node, offset, bytes, iov);
+  const bounce = Buffer.allocUnsafe(pad.bytes);
+  await alignedPreadv(node, pad.offset, pad.bytes, [bounce]);
+  copyInto(iov, bounce.subarray(pad.head, pad.head + bytes));
+}
+
+function copyInto(iov: Buffer[], src: Buffer): void {
+  let pos = 0;
+  for (const b of iov) {
+    src.copy(b, 0, pos, pos + b.length);
+    pos += b.length;
   }
 }
 

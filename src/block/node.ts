@@ -19,6 +19,17 @@ export interface NodeOptions {
   detectZeroes?: DetectZeroes;
   /** 'ignore' drops discards and never unmaps on write-zeroes (QEMU's discard=ignore). */
   discard?: DiscardMode;
+  /** Reads of ranges this node lacks copy them in from the backing chain. */
+  copyOnRead?: boolean;
+}
+
+export interface CopyOnReadStats {
+  /** Bytes read through the chain because this node lacked them. */
+  bytesFromBacking: number;
+  /** Bytes written into this node by copy-on-read. */
+  bytesCopied: number;
+  /** Copy-on-read writes that failed (the reads themselves did not). */
+  copyFailures: number;
 }
 
 export class BlockNode {
@@ -29,6 +40,8 @@ export class BlockNode {
   backing: BlockNode | null;
   detectZeroes: DetectZeroes;
   discard: DiscardMode;
+  copyOnRead: boolean;
+  readonly corStats: CopyOnReadStats = { bytesFromBacking: 0, bytesCopied: 0, copyFailures: 0 };
   private inFlight = 0;
   private drainWaiters: Array<() => void> = [];
 
@@ -39,6 +52,7 @@ export class BlockNode {
     this.backing = options.backing ?? null;
     this.detectZeroes = options.detectZeroes ?? 'off';
     this.discard = options.discard ?? 'unmap';
+    this.copyOnRead = options.copyOnRead ?? false;
     const size = driver.size();
     if (size % this.limits.requestAlignment !== 0) {
       throw new RangeError(`${this.name}: size ${size} is not a multiple of its request alignment`);

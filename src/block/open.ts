@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
+import { HttpDriver, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
 
@@ -27,6 +28,10 @@ export interface OpenOptions {
   detectZeroes?: DetectZeroes;
   discard?: DiscardMode;
   l2CacheBytes?: number;
+  /** Copy-on-read on the top node; absent: what the image asks for (copy_on_read=on). */
+  copyOnRead?: boolean;
+  /** For http(s) images anywhere in the chain. */
+  http?: HttpOptions;
   /** Messages worth showing the user (corrupt bit, repaired refcounts). */
   warnings?: string[];
 }
@@ -56,8 +61,13 @@ export async function probeFormat(file: string): Promise<string> {
   return MAGICS.find((m) => head.subarray(0, m.magic.length).equals(m.magic))?.format ?? 'raw';
 }
 
-/** Where a backing file name recorded in `overlay` points: relative names resolve against the overlay's directory. */
+/**
+ * Where a backing file name recorded in `overlay` points: URLs stay as they are,
+ * relative names resolve against the overlay's directory (or URL).
+ */
 export function resolveBackingPath(overlay: string, name: string): string {
+  if (isHttpUrl(name)) return name;
+  if (isHttpUrl(overlay)) return new URL(name, overlay).toString();
   return path.isAbsolute(name) ? name : path.resolve(path.dirname(overlay), name);
 }
 
@@ -66,17 +76,26 @@ interface ChainState {
   depth: number;
 }
 
-async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState): Promise<BlockNode> {
+async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState, top: boolean): Promise<BlockNode> {
   let real: string;
-  try {
-    real = await fs.realpath(file);
-  } catch {
-    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+  if (isHttpUrl(file)) {
+    real = file;
+  } else {
+    try {
+      real = await fs.realpath(file);
+    } catch {
+      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+    }
   }
   if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${file}`);
   if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${file}`);
   chain.seen.add(real);
-  const nodeOptions = { name: file, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
+  const nodeOptions = { name: isHttpUrl(file) ? displayUrl(file) : file, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
+  if (isHttpUrl(file)) {
+    if (format !== 'raw') throw new VdiskError('ERR_IMAGE_FORMAT', `${displayUrl(file)}: only raw images (and ISOs) can be read over HTTP`);
+    if (!readOnly) throw new VdiskError('EROFS', `${displayUrl(file)}: HTTP images are read-only (put a qcow2 overlay on top)`);
+    return new BlockNode(await HttpDriver.open(file, options.http ?? {}), nodeOptions);
+  }
   switch (format) {
     case 'raw':
       return new BlockNode(await FileDriver.open(file, { readOnly }), nodeOptions);
@@ -99,7 +118,8 @@ async function openNode(file: string, format: string, options: OpenOptions, read
           throw err;
         }
       }
-      return new BlockNode(drv, { ...nodeOptions, backing: drv.backing });
+      const copyOnRead = top && !readOnly && Boolean(drv.backing) && (options.copyOnRead ?? drv.copyOnReadDefault);
+      return new BlockNode(drv, { ...nodeOptions, backing: drv.backing, copyOnRead });
     }
     default:
       throw new VdiskError('ERR_IMAGE_FORMAT', `${file}: format '${format}' is not supported (supported: ${SUPPORTED_FORMATS.join(', ')})`);
@@ -109,6 +129,9 @@ async function openNode(file: string, format: string, options: OpenOptions, read
 async function openBacking(overlay: string, name: string, recordedFormat: string | null, options: OpenOptions, chain: ChainState): Promise<BlockNode> {
   const file = resolveBackingPath(overlay, name);
   let format = recordedFormat ?? options.backingFormat;
+  if (!format && isHttpUrl(file)) {
+    throw new VdiskError('ERR_IMAGE_FORMAT', `${overlay} does not record the format of its backing ${displayUrl(file)}; give it explicitly (-F raw)`);
+  }
   if (!format) {
     const probed = await probeFormat(file).catch((err: unknown) => {
       if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${file} of ${overlay} not found`);
@@ -124,17 +147,21 @@ async function openBacking(overlay: string, name: string, recordedFormat: string
   }
   chain.depth++;
   try {
-    return await openNode(file, format, { ...options, backingFormat: undefined }, true, chain);
+    return await openNode(file, format, { ...options, backingFormat: undefined }, true, chain, false);
   } catch (err) {
-    if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${file} of ${overlay} not found`);
+    if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') {
+      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${isHttpUrl(file) ? displayUrl(file) : file} of ${overlay} not found`);
+    }
     throw err;
   }
 }
 
 /** Open an image file as the top node of its chain. */
 export async function openImage(file: string, options: OpenOptions = {}): Promise<BlockNode> {
-  const format = options.format ?? (await probeFormat(file));
-  return openNode(file, format, options, options.readOnly ?? false, { seen: new Set(), depth: 0 });
+  // URLs are never probed: a remote image is raw unless said otherwise.
+  const format = options.format ?? (isHttpUrl(file) ? 'raw' : await probeFormat(file));
+  // A remote image on its own is read-only (writes need a qcow2 overlay on top).
+  return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 }, true);
 }
 
 /** The nodes of a chain, top first. */

@@ -5,6 +5,8 @@ import { openImage, resolveBackingPath } from '../block/open.js';
 import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.js';
 import { VdiskError } from '../errors.js';
 import { parseSize, formatSize } from './util.js';
+import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { displayUrl, isHttpUrl } from '../drivers/http.js';
 
 export interface CreateArgs {
   file: string;
@@ -16,8 +18,8 @@ export interface CreateArgs {
   force: boolean;
 }
 
-export function createOptions(y: Argv): Argv<CreateArgs> {
-  return y
+export function createOptions(y: Argv): Argv<CreateArgs & HttpArgs> {
+  return withHttpOptions(y)
     .positional('file', { type: 'string', demandOption: true, describe: 'image file to create' })
     .positional('size', { type: 'string', describe: 'virtual size: bytes, or with K/M/G/T (binary) suffix; defaults to the backing file\'s' })
     .option('format', { alias: 'f', choices: ['raw', 'qcow2'] as const, default: 'raw' as const, describe: 'image format' })
@@ -29,9 +31,9 @@ export function createOptions(y: Argv): Argv<CreateArgs> {
       array: true,
       nargs: 1,
       default: [],
-      describe: 'qcow2: cluster_size=64k,compat=1.1|0.10,extended_l2=on,refcount_bits=16,lazy_refcounts=on,preallocation=metadata',
+      describe: 'qcow2: cluster_size=64k,compat=1.1|0.10,extended_l2=on,refcount_bits=16,lazy_refcounts=on,preallocation=metadata,copy_on_read=on',
     })
-    .option('force', { type: 'boolean', default: false, describe: 'replace an existing file' }) as unknown as Argv<CreateArgs>;
+    .option('force', { type: 'boolean', default: false, describe: 'replace an existing file' }) as unknown as Argv<CreateArgs & HttpArgs>;
 }
 
 function onOff(key: string, v: string): boolean {
@@ -62,6 +64,9 @@ export function parseQcow2Options(list: string[]): Omit<Qcow2CreateOptions, 'siz
       case 'lazy_refcounts':
         out.lazyRefcounts = onOff(key, value);
         break;
+      case 'copy_on_read':
+        out.copyOnRead = onOff(key, value);
+        break;
       case 'preallocation':
         if (value !== 'off' && value !== 'metadata') throw new VdiskError('ERR_USAGE', `-o preallocation= takes off or metadata, not '${value}'`);
         out.preallocation = value;
@@ -73,7 +78,7 @@ export function parseQcow2Options(list: string[]): Omit<Qcow2CreateOptions, 'siz
   return out;
 }
 
-export async function runCreate(args: CreateArgs): Promise<void> {
+export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
   if (args.format === 'raw') {
     if (args.backing) throw new VdiskError('ERR_USAGE', 'raw images have no backing file (use -f qcow2)');
     if (args.options.length) throw new VdiskError('ERR_USAGE', 'raw images take no -o options');
@@ -100,6 +105,7 @@ export async function runCreate(args: CreateArgs): Promise<void> {
     // The backing file must open (with the format we record) and gives the default size.
     const backing = await openImage(resolveBackingPath(args.file, args.backing), {
       readOnly: true,
+      http: httpFromArgs(args),
       ...(args['backing-format'] ? { format: args['backing-format'] } : {}),
     });
     const format = args['backing-format'] ?? backing.driver.formatName;
@@ -110,6 +116,6 @@ export async function runCreate(args: CreateArgs): Promise<void> {
   }
   if (size === undefined) throw new VdiskError('ERR_USAGE', 'a size is needed (or a backing file to take it from)');
   await createQcow2(args.file, { ...options, size }, args.force);
-  const b = args.backing ? ` backing_file=${args.backing} backing_fmt=${options.backingFormat}` : '';
+  const b = args.backing ? ` backing_file=${isHttpUrl(args.backing) ? displayUrl(args.backing) : args.backing} backing_fmt=${options.backingFormat}` : '';
   process.stdout.write(`Formatting '${args.file}', fmt=qcow2 size=${size} (${formatSize(size)})${b}\n`);
 }

@@ -1,9 +1,11 @@
 /** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
+import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
 import { chainOf, openImage } from '../block/open.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { featureNames } from '../drivers/qcow2/header.js';
+import { displayUrl, isHttpUrl } from '../drivers/http.js';
 import { formatSize } from './util.js';
 
 export interface InfoArgs {
@@ -14,13 +16,13 @@ export interface InfoArgs {
   'backing-chain': boolean;
 }
 
-export function infoOptions(y: Argv): Argv<InfoArgs> {
-  return y
+export function infoOptions(y: Argv): Argv<InfoArgs & HttpArgs> {
+  return withHttpOptions(y)
     .positional('file', { type: 'string', demandOption: true })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
-    .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs>;
+    .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs & HttpArgs>;
 }
 
 export interface ImageInfo {
@@ -46,7 +48,8 @@ export async function describeNode(node: BlockNode): Promise<ImageInfo> {
     const h = node.driver.header;
     info['cluster-size'] = node.driver.clusterSize;
     if (h.backingFile !== null) {
-      info['backing-filename'] = h.backingFile;
+      // A URL may carry credentials or a signed query: never show those.
+      info['backing-filename'] = isHttpUrl(h.backingFile) ? displayUrl(h.backingFile) : h.backingFile;
       if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
       if (node.backing) info['full-backing-filename'] = node.backing.name;
     }
@@ -85,9 +88,10 @@ function human(info: ImageInfo): string {
   return lines.join('\n');
 }
 
-export async function runInfo(args: InfoArgs): Promise<void> {
+export async function runInfo(args: InfoArgs & HttpArgs): Promise<void> {
   const node = await openImage(args.file, {
     readOnly: true,
+    http: httpFromArgs(args),
     ...(args.format ? { format: args.format } : {}),
     ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
   });

@@ -1,5 +1,6 @@
 /** `vdisk map`: which ranges hold data, read as zero, and which node holds them (like `qemu-img map`). */
 import type { Argv } from 'yargs';
+import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import type { BlockNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
@@ -21,12 +22,12 @@ export interface MapEntry {
   offset?: number;
 }
 
-export function mapOptions(y: Argv): Argv<MapArgs> {
-  return y
+export function mapOptions(y: Argv): Argv<MapArgs & HttpArgs> {
+  return withHttpOptions(y)
     .positional('file', { type: 'string', demandOption: true })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'] })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
-    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs>;
+    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs & HttpArgs>;
 }
 
 function depthOf(top: BlockNode, node: BlockNode | null): number {
@@ -53,9 +54,10 @@ export async function mapImage(top: BlockNode): Promise<MapEntry[]> {
   return out;
 }
 
-export async function runMap(args: MapArgs): Promise<void> {
+export async function runMap(args: MapArgs & HttpArgs): Promise<void> {
   const node = await openImage(args.file, {
     readOnly: true,
+    http: httpFromArgs(args),
     ...(args.format ? { format: args.format } : {}),
     ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
   });

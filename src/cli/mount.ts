@@ -6,6 +6,26 @@ import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
 import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
+import { HttpDriver } from '../drivers/http.js';
+import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+
+/** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
+export function statsLine(exp: FuseExport, top: BlockNode): string {
+  const s = exp.stats;
+  let fetched = 0;
+  let requests = 0;
+  for (let n: BlockNode | null = top; n; n = n.backing) {
+    if (n.driver instanceof HttpDriver) {
+      fetched += n.driver.stats.bytesFetched;
+      requests += n.driver.stats.requests;
+    }
+  }
+  const c = top.corStats;
+  return (
+    `reads=${s.reads} bytesRead=${s.bytesRead} writes=${s.writes} bytesWritten=${s.bytesWritten} errors=${s.errors} ` +
+    `bytesFromBacking=${c.bytesFromBacking} bytesCopied=${c.bytesCopied} copyFailures=${c.copyFailures} httpRequests=${requests} httpBytesFetched=${fetched}`
+  );
+}
 
 const INJECT_OPS = ['read', 'write', 'zero', 'discard', 'flush', 'status'];
 
@@ -43,10 +63,11 @@ export interface MountArgs {
   'readahead-kb': number;
   stats: boolean;
   inject: string[];
+  'copy-on-read'?: boolean;
 }
 
-export function mountOptions(y: Argv): Argv<MountArgs> {
-  return y
+export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
+  return withHttpOptions(y)
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
@@ -58,17 +79,21 @@ export function mountOptions(y: Argv): Argv<MountArgs> {
     .option('detect-zeroes', { choices: ['off', 'on', 'unmap'] as const, default: 'off' as const, describe: 'turn writes of all-zero data into write-zeroes (unmap: and free the space)' })
     .option('direct-io', { type: 'boolean', default: false, describe: 'bypass the kernel page cache (every read reaches vdisk)' })
     .option('readahead-kb', { type: 'number', default: 1024, describe: 'kernel readahead for the mount in KiB (root only)' })
-    .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit' })
+    .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit (reads, bytes fetched from the backing chain, bytes copied into the overlay)' })
+    .option('copy-on-read', {
+      type: 'boolean',
+      describe: 'copy what is read from the backing chain into the top image, so each block is fetched once (--no-copy-on-read: never; default: as the image says)',
+    })
     .option('inject', {
       type: 'string',
       array: true,
       nargs: 1,
       default: [],
       describe: 'fault injection for testing: OP:CODE[@OFFSET[+BYTES]][*COUNT], OP one of read|write|zero|discard|flush|status, e.g. read:EIO@1048576+4096',
-    }) as unknown as Argv<MountArgs>;
+    }) as unknown as Argv<MountArgs & HttpArgs>;
 }
 
-export async function runMount(args: MountArgs): Promise<void> {
+export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   const warnings: string[] = [];
   const image = await openImage(args.image, {
     readOnly: args['read-only'],
@@ -78,8 +103,14 @@ export async function runMount(args: MountArgs): Promise<void> {
     ...(args.format ? { format: args.format } : {}),
     ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
     ...(args['l2-cache-size'] ? { l2CacheBytes: parseSize(args['l2-cache-size']) } : {}),
+    ...(args['copy-on-read'] !== undefined ? { copyOnRead: args['copy-on-read'] } : {}),
+    http: httpFromArgs(args),
   });
+  if (args['copy-on-read'] && !image.copyOnRead) {
+    warnings.push(image.backing ? 'copy-on-read needs a writable top image' : 'copy-on-read needs a backing file: nothing to copy');
+  }
   for (const w of warnings) process.stderr.write(`vdisk: warning: ${w}\n`);
+  if (image.copyOnRead) process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name}\n`);
   const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
   let exp: FuseExport;
   try {
@@ -115,9 +146,6 @@ export async function runMount(args: MountArgs): Promise<void> {
   await exp.ended;
   await exp.close();
   await node.close();
-  if (args.stats) {
-    const s = exp.stats;
-    process.stderr.write(`vdisk: stats reads=${s.reads} bytesRead=${s.bytesRead} writes=${s.writes} bytesWritten=${s.bytesWritten} errors=${s.errors}\n`);
-  }
+  if (args.stats) process.stderr.write(`vdisk: stats ${statsLine(exp, image)}\n`);
   process.stderr.write(`vdisk: unmounted ${args.mountpoint}\n`);
 }

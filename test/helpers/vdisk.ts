@@ -23,6 +23,27 @@ export function sh(command: string): RunResult {
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** Like vdisk(), without blocking this process's event loop (needed when a server lives in it). */
+export function vdiskAsync(args: string[]): Promise<RunResult> {
+  return run(process.execPath, [CLI, ...args]);
+}
+
+/** Like sh(), without blocking this process's event loop. */
+export function shAsync(command: string): Promise<RunResult> {
+  return run('bash', ['-c', command]);
+}
+
+function run(cmd: string, args: string[]): Promise<RunResult> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
 export function tmpdir(prefix = 'vdisk-test-'): string {
   // /var/tmp: a disk filesystem with holes, fallocate and SEEK_DATA (tmpfs lacks ZERO_RANGE).
   return fs.mkdtempSync(path.join('/var/tmp', prefix));

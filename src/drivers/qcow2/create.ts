@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs/promises';
 import { VdiskError } from '../../errors.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, serializeHeader, type Qcow2Header } from './header.js';
+import { COMPAT_LAZY_REFCOUNTS, EXT_VDISK_OPTIONS, INCOMPAT_EXTL2, VDISK_OPT_COPY_ON_READ, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, serializeHeader, type Qcow2Header } from './header.js';
 import { writeL1Entry, writeL2Entry } from './l2-entry.js';
 
 export interface Qcow2CreateOptions {
@@ -19,9 +19,11 @@ export interface Qcow2CreateOptions {
   preallocation?: 'off' | 'metadata';
   backingFile?: string;
   backingFormat?: string;
+  /** Store "copy-on-read by default" in the image (a vdisk header extension). */
+  copyOnRead?: boolean;
 }
 
-export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat'>> {
+export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat' | 'copyOnRead'>> {
   const clusterSize = o.clusterSize ?? 65536;
   const bits = Math.log2(clusterSize);
   if (!Number.isInteger(bits) || bits < MIN_CLUSTER_BITS || bits > MAX_CLUSTER_BITS) {
@@ -95,7 +97,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
     headerLength: o.compat === '0.10' ? 72 : 112,
     compressionType: 0,
     unknownHeaderTail: Buffer.alloc(7),
-    extensions: [],
+    extensions: options.copyOnRead ? [{ type: EXT_VDISK_OPTIONS, data: Buffer.from([VDISK_OPT_COPY_ON_READ]) }] : [],
     backingFile: options.backingFile ?? null,
     backingFormat: options.backingFile ? (options.backingFormat ?? null) : null,
   };

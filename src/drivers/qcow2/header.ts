@@ -23,6 +23,13 @@ export const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
+/**
+ * vdisk's own extension: options stored in the image. qemu ignores and keeps
+ * unknown extensions, so `qemu-img check` still accepts the image.
+ * Data: one byte of flags (bit 0: copy-on-read by default).
+ */
+export const EXT_VDISK_OPTIONS = 0x7664736b; // "vdsk"
+export const VDISK_OPT_COPY_ON_READ = 0x01;
 
 export const MIN_CLUSTER_BITS = 9;
 export const MAX_CLUSTER_BITS = 21;

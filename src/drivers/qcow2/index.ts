@@ -25,9 +25,9 @@ import { iovSlice, isZero } from '../../block/iov.js';
 import { VdiskError } from '../../errors.js';
 import { tracer } from '../../trace.js';
 import {
-  AUTOCLEAR_BITMAPS,
-  AUTOCLEAR_DATA_FILE_RAW,
   EXT_BITMAPS,
+  EXT_VDISK_OPTIONS,
+  VDISK_OPT_COPY_ON_READ,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
@@ -204,8 +204,10 @@ export class Qcow2Driver implements BlockDriver {
   private async prepareForWriting(): Promise<void> {
     const h = this.header;
     let rewrite = false;
-    if (h.autoclearFeatures & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW)) {
-      h.autoclearFeatures &= ~(AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW);
+    // vdisk maintains no autoclear feature (bitmaps, raw data file, or any it does not know):
+    // the spec says to clear them before writing.
+    if (h.autoclearFeatures !== 0n) {
+      h.autoclearFeatures = 0n;
       rewrite = true;
     }
     // Persistent dirty bitmaps would go stale under writes vdisk does not track:
@@ -245,6 +247,12 @@ export class Qcow2Driver implements BlockDriver {
 
   size(): number {
     return this.header.size;
+  }
+
+  /** The image asks for copy-on-read by default (vdisk create -o copy_on_read=on). */
+  get copyOnReadDefault(): boolean {
+    const ext = this.header.extensions.find((e) => e.type === EXT_VDISK_OPTIONS);
+    return Boolean(ext && ext.data.length > 0 && ext.data[0]! & VDISK_OPT_COPY_ON_READ);
   }
 
   get l1Table(): Buffer {

@@ -1,0 +1,33 @@
+/** Command-line options for images read over HTTP(S), shared by the commands that open images. */
+import type { Argv } from 'yargs';
+import type { HttpOptions } from '../drivers/http.js';
+import { VdiskError } from '../errors.js';
+
+export interface HttpArgs {
+  header: string[];
+  'ca-file'?: string;
+  insecure: boolean;
+  'http-timeout': number;
+  'http-retries': number;
+}
+
+export function withHttpOptions<T>(y: Argv<T>): Argv<T & HttpArgs> {
+  return y
+    .option('header', { alias: 'H', type: 'string', array: true, nargs: 1, default: [], describe: "HTTP header for remote images, e.g. 'Authorization: Bearer ...' (repeatable)" })
+    .option('ca-file', { type: 'string', describe: 'PEM file of CA certificates to trust for https' })
+    .option('insecure', { type: 'boolean', default: false, describe: 'accept any TLS certificate (testing only)' })
+    .option('http-timeout', { type: 'number', default: 30, describe: 'seconds to wait for an HTTP answer (headers, and between body chunks)' })
+    .option('http-retries', { type: 'number', default: 5, describe: 'retries of a failed range request (connection errors, timeouts, 5xx)' }) as unknown as Argv<T & HttpArgs>;
+}
+
+export function httpFromArgs(args: HttpArgs): HttpOptions {
+  const headers: Record<string, string> = {};
+  for (const h of args.header) {
+    const i = h.indexOf(':');
+    if (i <= 0) throw new VdiskError('ERR_USAGE', `--header takes 'Name: value', not '${h.replace(/:.*/, ':…')}'`);
+    headers[h.slice(0, i).trim().toLowerCase()] = h.slice(i + 1).trim();
+  }
+  const out: HttpOptions = { headers, insecure: args.insecure, timeoutMs: args['http-timeout'] * 1000, retries: args['http-retries'] };
+  if (args['ca-file']) out.caFile = args['ca-file'];
+  return out;
+}

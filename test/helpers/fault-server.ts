@@ -1,0 +1,128 @@
+/**
+ * A real HTTP server that misbehaves on purpose: drops connections mid-body,
+ * answers 503, stalls, changes the ETag, ignores Range, refuses HEAD, redirects,
+ * demands credentials. Faults apply to the first `times` matching requests.
+ */
+import http from 'node:http';
+import net from 'node:net';
+
+export type Fault = 'drop-mid-body' | '503' | 'stall' | 'ignore-range' | 'no-head' | 'none';
+
+export interface FaultServerOptions {
+  data: Buffer;
+  fault?: Fault;
+  /** How many range GETs suffer the fault (Infinity: all). */
+  times?: number;
+  /** Require this Authorization header. */
+  auth?: string;
+  /** Serve under /redirect a 302 to /image. */
+  redirect?: boolean;
+}
+
+export class FaultServer {
+  readonly server: http.Server;
+  port = 0;
+  etag = '"v1"';
+  data: Buffer;
+  rangeGets = 0;
+  bytesSent = 0;
+  private faultsLeft: number;
+  private readonly sockets = new Set<net.Socket>();
+  readonly seenAuth: string[] = [];
+
+  constructor(private readonly options: FaultServerOptions) {
+    this.data = options.data;
+    this.faultsLeft = options.times ?? Infinity;
+    this.server = http.createServer((req, res) => this.handle(req, res));
+    this.server.on('connection', (s) => {
+      this.sockets.add(s);
+      s.on('close', () => this.sockets.delete(s));
+    });
+  }
+
+  async start(): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
+    this.port = (this.server.address() as net.AddressInfo).port;
+    return `http://127.0.0.1:${this.port}/image`;
+  }
+
+  /** The file changes: new contents and a new ETag. */
+  change(): void {
+    this.data = Buffer.from(this.data).fill(0xee, 0, Math.min(this.data.length, 1 << 20));
+    this.etag = '"v2"';
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    if (req.headers.authorization) this.seenAuth.push(req.headers.authorization);
+    if (this.options.auth && req.headers.authorization !== this.options.auth) {
+      res.writeHead(401).end();
+      return;
+    }
+    if (this.options.redirect && req.url === '/redirect') {
+      res.writeHead(302, { location: '/image' }).end();
+      return;
+    }
+    const fault = this.options.fault ?? 'none';
+    const headers = { etag: this.etag, 'accept-ranges': fault === 'ignore-range' ? 'none' : 'bytes' };
+    if (req.method === 'HEAD') {
+      if (fault === 'no-head') {
+        res.writeHead(405).end();
+        return;
+      }
+      res.writeHead(200, { ...headers, 'content-length': this.data.length }).end();
+      return;
+    }
+    const m = /bytes=(\d+)-(\d+)/.exec(req.headers.range ?? '');
+    if (!m || fault === 'ignore-range') {
+      res.writeHead(200, { ...headers, 'content-length': this.data.length });
+      this.streamAll(res);
+      return;
+    }
+    const ifRange = req.headers['if-range'];
+    if (ifRange && ifRange !== this.etag) {
+      res.writeHead(200, { ...headers, 'content-length': this.data.length });
+      res.end(this.data);
+      return;
+    }
+    const start = Number(m[1]);
+    const end = Math.min(Number(m[2]), this.data.length - 1);
+    this.rangeGets++;
+    const body = this.data.subarray(start, end + 1);
+    const faulty = start > 0 || end > 0 ? this.faultsLeft-- > 0 : false; // the 0-0 size probe is never faulted
+    if (faulty && fault === '503') {
+      res.writeHead(503, { 'retry-after': '0' }).end();
+      return;
+    }
+    if (faulty && fault === 'stall') return; // never answer: the client's timeout must fire
+    res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${end}/${this.data.length}`, 'content-length': body.length });
+    if (faulty && fault === 'drop-mid-body') {
+      res.write(body.subarray(0, body.length >> 1), () => res.socket?.destroy());
+      return;
+    }
+    res.end(body);
+    this.bytesSent += body.length;
+  }
+
+  /** The whole image, written as fast as the client takes it; counts what really left. */
+  private streamAll(res: http.ServerResponse): void {
+    let pos = 0;
+    const pump = () => {
+      while (pos < this.data.length && !res.destroyed) {
+        const chunk = this.data.subarray(pos, pos + 65536);
+        pos += chunk.length;
+        this.bytesSent += chunk.length;
+        if (!res.write(chunk)) {
+          res.once('drain', pump);
+          return;
+        }
+      }
+      if (!res.destroyed) res.end();
+    };
+    pump();
+  }
+
+  async stop(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
