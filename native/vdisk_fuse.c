@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -855,6 +856,20 @@ static napi_value js_preadv_nowait(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* flockExclusive(fd) -> 0, or -errno (-EWOULDBLOCK: another process holds it). Never blocks. */
+static napi_value js_flock_exclusive(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  int32_t fd;
+  int res;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
+  do res = flock(fd, LOCK_EX | LOCK_NB);
+  while (res < 0 && errno == EINTR);
+  NAPI_CALL(env, napi_create_int32(env, res < 0 ? -errno : 0, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static const struct {
     const char *name;
@@ -867,7 +882,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyOpen", js_reply_open},  {"replyAttr", js_reply_attr},
       {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},
       {"lseek", js_lseek},           {"umount", js_umount},
-      {"preadvNoWait", js_preadv_nowait},
+      {"preadvNoWait", js_preadv_nowait}, {"flockExclusive", js_flock_exclusive},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

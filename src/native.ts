@@ -42,6 +42,8 @@ export interface NativeAddon {
   umount(path: string, flags: number): Promise<number>;
   /** Synchronous preadv2(RWF_NOWAIT): bytes read from the page cache, or -errno (-EAGAIN: not cached). */
   preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
+  /** flock(LOCK_EX|LOCK_NB): 0, or -errno. */
+  flockExclusive(fd: number): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;

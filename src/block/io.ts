@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import type { ZeroFlags } from './driver.js';
 import type { BlockNode } from './node.js';
-import { blockStatus } from './block-status.js';
+import { blockStatus, blockStatusAbove } from './block-status.js';
 import { computePadding, type Padding } from './padding.js';
 import { iovBytes, iovIsZero, iovSlice, isZero } from './iov.js';
 import { MAX_ZERO_BOUNCE_BYTES } from './limits.js';
@@ -97,7 +97,7 @@ async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov
  * guest write that landed meanwhile is never overwritten. A failed copy (disk
  * full) does not fail the read.
  */
-async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[] | null, strict = false): Promise<void> {
   const granularity = node.driver.allocationAlignment ?? node.limits.requestAlignment;
   const size = node.size();
   const start = offset - (offset % granularity);
@@ -106,27 +106,59 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
   await node.tracker.waitSerialising(req);
   for (let pos = start; pos < end; ) {
     const st = await blockStatus(node, pos, end - pos);
-    const n = st.bytes;
+    let n = st.bytes;
     // The part of [pos, pos+n) the caller asked for.
     const from = Math.max(pos, offset);
     const to = Math.min(pos + n, offset + bytes);
     if (st.allocated) {
-      if (to > from) await readAligned(node, from, to - from, iovSlice(iov, from - offset, to - from));
+      if (iov && to > from) await readAligned(node, from, to - from, iovSlice(iov, from - offset, to - from));
+      pos += n;
+      continue;
+    }
+    // Whole units that read as zero below need no reading at all: they become zero clusters.
+    const backing = node.backing!;
+    const below = pos < backing.size() ? await blockStatusAbove(backing, pos, Math.min(n, backing.size() - pos)) : null;
+    const zeroUnits = below ? (below.zero ? below.bytes - (below.bytes % granularity) : 0) : n;
+    let bounce: Buffer;
+    if (zeroUnits > 0) {
+      n = Math.min(n, zeroUnits);
+      bounce = ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n);
     } else {
-      const bounce = Buffer.allocUnsafe(n);
+      bounce = Buffer.allocUnsafe(n);
       await alignedPreadv(node, pos, n, [bounce]);
       node.corStats.bytesFromBacking += n;
-      if (to > from) copyInto(iovSlice(iov, from - offset, to - from), bounce.subarray(from - pos, to - pos));
-      try {
-        if (isZero(bounce)) await alignedPwriteZeroes(node, pos, n, false);
-        else await alignedPwritev(node, pos, n, [bounce]);
-        node.corStats.bytesCopied += n;
-      } catch (err) {
-        node.corStats.copyFailures++;
-        trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, pos, n, (err as Error).message);
-      }
+    }
+    const from2 = Math.max(pos, offset);
+    const to2 = Math.min(pos + n, offset + bytes);
+    if (iov && to2 > from2) copyInto(iovSlice(iov, from2 - offset, to2 - from2), bounce.subarray(from2 - pos, to2 - pos));
+    try {
+      if (zeroUnits > 0 || isZero(bounce)) await alignedPwriteZeroes(node, pos, n, false);
+      else await alignedPwritev(node, pos, n, [bounce]);
+      node.corStats.bytesCopied += n;
+    } catch (err) {
+      if (strict) throw err;
+      node.corStats.copyFailures++;
+      trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, pos, n, (err as Error).message);
     }
     pos += n;
+  }
+}
+
+/**
+ * Copy [offset, offset+bytes) from the backing chain into `node` wherever it
+ * lacks it (the stream job). Same serialisation as copy-on-read; errors count.
+ */
+export async function copyFromBacking(node: BlockNode, offset: number, bytes: number): Promise<void> {
+  checkWritable(node);
+  checkRequest(node, offset, bytes);
+  if (bytes === 0 || !node.backing) return;
+  node.incInFlight();
+  const req = node.tracker.begin(offset, bytes, 'read');
+  try {
+    await copyOnReadv(node, req, offset, bytes, null, true);
+  } finally {
+    node.tracker.end(req);
+    node.decInFlight();
   }
 }
 

@@ -9,6 +9,7 @@ import { infoOptions, runInfo } from './info.js';
 import { mapOptions, runMap } from './map.js';
 import { mountOptions, runMount } from './mount.js';
 import { runUnmount, unmountOptions } from './unmount.js';
+import { runStream, streamOptions } from './stream.js';
 import { exitCodeOf, reportError } from './util.js';
 
 async function main(argv: string[]): Promise<void> {
@@ -20,11 +21,15 @@ async function main(argv: string[]): Promise<void> {
     .command('create <file> [size]', 'create a new image (raw, or qcow2 with an optional backing file)', createOptions, runCreate)
     .command('info <file>', 'show format, virtual size and disk usage of an image', infoOptions, runInfo)
     .command('map <file>', 'show which ranges hold data or read as zero, and which image of the chain has them', mapOptions, runMap)
+    .command('stream <image>', 'copy into a qcow2 image everything it still takes from its backing chain (resumable)', streamOptions, runStream)
     .command('check <file>', 'check a qcow2 image for leaks and corruptions; -r repairs', checkOptions, runCheck)
     .example('$0 create disk.img 10G', 'a sparse 10 GiB raw image')
     .example('$0 create -f qcow2 -b base.img -F raw overlay.qcow2', 'a qcow2 overlay on a raw base')
     .example('touch disk.view && $0 mount disk.img disk.view', 'serve it on disk.view (Ctrl-C unmounts)')
     .example('fallocate -p -o 1M -l 4M disk.view', 'discard: the range reads as zero and frees space')
+    .example('$0 create -f qcow2 -b https://example.org/distro.iso -F raw cache.qcow2', 'a local overlay on a remote ISO')
+    .example('$0 mount --copy-on-read cache.qcow2 distro.iso', 'each block read crosses the network once')
+    .example('$0 stream -p --drop-backing cache.qcow2', 'fetch the rest, then stand alone')
     .demandCommand(1, 'name a command')
     .strict()
     .help()

@@ -6,7 +6,10 @@ import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
 import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
-import { HttpDriver } from '../drivers/http.js';
+import fs from 'node:fs/promises';
+import { HttpDriver, isHttpUrl } from '../drivers/http.js';
+import { Qcow2Driver } from '../drivers/qcow2/index.js';
+import { ControlServer } from '../export/control.js';
 import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
 
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
@@ -126,6 +129,15 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     throw err;
   }
 
+  // Other vdisk commands (stream) reach this process through its control socket.
+  let control: ControlServer | null = null;
+  if (!isHttpUrl(args.image) && image.driver instanceof Qcow2Driver && !image.readOnly) {
+    control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
+      process.stderr.write(`vdisk: warning: no control socket (${(err as Error).message}); vdisk stream cannot reach this mount\n`);
+      return null;
+    });
+  }
+
   let signals = 0;
   const onSignal = (signal: string) => {
     signals++;
@@ -144,6 +156,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   );
 
   await exp.ended;
+  await control?.close();
   await exp.close();
   await node.close();
   if (args.stats) process.stderr.write(`vdisk: stats ${statsLine(exp, image)}\n`);

@@ -105,6 +105,11 @@ export class FileDriver implements BlockDriver {
       fs.closeSync(fd);
       throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
     }
+    // One writer at a time: a second process writing the same image would corrupt it.
+    if (!readOnly && native().flockExclusive(fd) !== 0) {
+      fs.closeSync(fd);
+      throw new VdiskError('EBUSY', `${path} is in use by another process (mounted? vdisk stream works on mounted images)`);
+    }
     trace('open path=%s size=%d readOnly=%s', path, st.size, readOnly);
     return new FileDriver(path, fd, st.size, readOnly, options.growable ?? false);
   }

@@ -1,0 +1,127 @@
+/** `vdisk stream`: pull everything an image still takes from its backing chain into it. */
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import type { Argv } from 'yargs';
+import { openImage } from '../block/open.js';
+import { controlSocketPath } from '../export/control.js';
+import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
+import { VdiskError, type ErrorCode } from '../errors.js';
+import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { formatSize } from './util.js';
+
+export interface StreamArgs {
+  image: string;
+  'drop-backing': boolean;
+  progress: boolean;
+  output: 'human' | 'json';
+  'backing-format'?: string;
+}
+
+export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs> {
+  return withHttpOptions(y)
+    .positional('image', { type: 'string', demandOption: true, describe: 'a qcow2 image with a backing file (mounted or not)' })
+    .option('drop-backing', { type: 'boolean', default: false, describe: 'when complete, remove the backing link so the image stands alone' })
+    .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar and the rate' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
+    .epilogue('Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job.') as unknown as Argv<StreamArgs & HttpArgs>;
+}
+
+class ProgressBar {
+  private readonly started = Date.now();
+  private readonly enabled: boolean;
+  constructor(enabled: boolean) {
+    this.enabled = enabled;
+  }
+  update(p: StreamProgress): void {
+    if (!this.enabled) return;
+    const pct = p.total ? (100 * p.done) / p.total : 100;
+    const secs = Math.max(0.001, (Date.now() - this.started) / 1000);
+    const width = 30;
+    const filled = Math.round((pct / 100) * width);
+    const line = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${pct.toFixed(1).padStart(5)}%  ${formatSize(p.done)} of ${formatSize(p.total)}  copied ${formatSize(p.copied)}  ${formatSize(p.copied / secs)}/s`;
+    process.stderr.write(process.stderr.isTTY ? `\r${line}` : `${line}\n`);
+  }
+  end(): void {
+    if (this.enabled && process.stderr.isTTY) process.stderr.write('\n');
+  }
+}
+
+function report(args: StreamArgs, r: StreamResult): void {
+  if (args.output === 'json') {
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+  } else if (r.interrupted) {
+    process.stderr.write(`vdisk: stream interrupted at ${((100 * r.done) / r.total).toFixed(1)}%: run it again to resume\n`);
+  } else {
+    process.stdout.write(`streamed ${args.image}: copied ${formatSize(r.copied)} of ${formatSize(r.total)}${r.droppedBacking ? '; backing file dropped' : ''}\n`);
+  }
+  if (r.interrupted) process.exitCode = 130;
+}
+
+/** Ask the mount process that holds the image to run the job; null if nobody serves it. */
+async function viaMount(args: StreamArgs, socketPath: string, bar: ProgressBar): Promise<StreamResult | null> {
+  const sock = await new Promise<net.Socket | null>((resolve) => {
+    const s = net.connect(socketPath);
+    s.once('connect', () => resolve(s));
+    s.once('error', () => resolve(null));
+  });
+  if (!sock) return null;
+  const onSignal = () => sock.destroy();
+  process.once('SIGINT', onSignal);
+  try {
+    sock.write(`${JSON.stringify({ op: 'stream', dropBacking: args['drop-backing'] })}\n`);
+    let buf = '';
+    let result: StreamResult | null = null;
+    let error: { code: ErrorCode; message: string } | null = null;
+    let last: StreamProgress = { done: 0, total: 0, copied: 0 };
+    for await (const chunk of sock) {
+      buf += (chunk as Buffer).toString();
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: ErrorCode; message: string };
+        buf = buf.slice(nl + 1);
+        if (msg.type === 'progress') bar.update((last = msg));
+        else if (msg.type === 'done') result = msg;
+        else if (msg.type === 'error') error = msg;
+      }
+    }
+    if (error) throw new VdiskError(error.code, error.message);
+    // The connection closed without an answer: we were interrupted.
+    return result ?? { ...last, droppedBacking: false, interrupted: true };
+  } finally {
+    process.off('SIGINT', onSignal);
+  }
+}
+
+export async function runStream(args: StreamArgs & HttpArgs): Promise<void> {
+  let real: string;
+  try {
+    real = await fs.realpath(args.image);
+  } catch {
+    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${args.image}`);
+  }
+  const bar = new ProgressBar(args.progress);
+  const remote = await viaMount(args, controlSocketPath(real), bar);
+  if (remote) {
+    bar.end();
+    return report(args, remote);
+  }
+  const top = await openImage(args.image, {
+    format: 'qcow2',
+    http: httpFromArgs(args),
+    copyOnRead: false,
+    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
+  });
+  const abort = new AbortController();
+  const onSignal = () => abort.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const r = await streamImage(top, { dropBacking: args['drop-backing'], signal: abort.signal, onProgress: (p) => bar.update(p) });
+    bar.end();
+    report(args, r);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await top.close();
+  }
+}

@@ -1,0 +1,93 @@
+/** vdisk stream: on its own, through a mount, interrupted and resumed, then standing alone. */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CLI, MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { requireFuseRoot, requireTool } from '../helpers/env.js';
+import { Nginx } from '../helpers/nginx.js';
+
+let dir: string;
+let nginx: Nginx;
+let remote: string;
+const SIZE = 96 * MiB;
+
+beforeAll(async () => {
+  requireFuseRoot();
+  requireTool('nginx', 'nginx-light');
+  requireTool('qemu-img', 'qemu-utils');
+  dir = tmpdir();
+  fs.mkdirSync(path.join(dir, 'www'));
+  remote = path.join(dir, 'www', 'disk.raw');
+  expect(sh(`head -c ${64 * MiB} /dev/urandom > ${remote} && truncate -s ${SIZE} ${remote}`).status).toBe(0);
+  nginx = await Nginx.start(path.join(dir, 'www'), dir);
+});
+
+afterAll(async () => {
+  await nginx?.stop();
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+function create(name: string): string {
+  const image = path.join(dir, `${name}.qcow2`);
+  const r = vdisk(['create', '-f', 'qcow2', '-b', nginx.url('disk.raw'), '-F', 'raw', image]);
+  expect(r.status, r.stderr).toBe(0);
+  return image;
+}
+
+function standsAlone(image: string): void {
+  expect(sh(`qemu-img info ${image}`).stdout).not.toMatch(/backing file/);
+  expect(sh(`qemu-img check ${image}`).status).toBe(0);
+  const cmp = sh(`qemu-img compare -f qcow2 -F raw ${image} ${remote}`);
+  expect(cmp.status, cmp.stdout).toBe(0);
+}
+
+describe('vdisk stream', () => {
+  it('copies what is missing (zero ranges as zero clusters) and drops the backing file', () => {
+    const image = create('alone');
+    const r = vdisk(['stream', '--drop-backing', '--output', 'json', image]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ total: SIZE, done: SIZE, droppedBacking: true, interrupted: false });
+    standsAlone(image);
+    // The 32 MiB tail of the remote file is a hole: zero clusters, no data in the image.
+    expect(fs.statSync(image).size).toBeLessThan(70 * MiB);
+  });
+
+  it('is interrupted by Ctrl-C and resumes where it stopped', async () => {
+    const image = create('resume');
+    const child = spawn(process.execPath, [CLI, 'stream', '-p', image], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    await new Promise<void>((resolve) => {
+      child.stderr.on('data', (d: Buffer) => {
+        err += d.toString();
+        if (/copied [1-9]/.test(err)) resolve();
+      });
+    });
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    expect(code).toBe(130);
+    expect(err).toMatch(/interrupted at .*%: run it again to resume/);
+    const again = vdisk(['stream', '--drop-backing', '--output', 'json', image]);
+    expect(again.status, again.stderr).toBe(0);
+    const result = JSON.parse(again.stdout) as { copied: number; total: number };
+    expect(result.copied).toBeLessThan(SIZE);
+    standsAlone(image);
+  });
+
+  it('runs inside the mount when the image is mounted, while the disk stays in use', async () => {
+    const image = create('mounted');
+    const m = await Mount.start(image, `${image}.mnt`, ['--copy-on-read']);
+    try {
+      // A second writer is refused: the mount holds the image.
+      const locked = vdisk(['check', '-r', 'leaks', image]);
+      expect(locked.stderr).toMatch(/EBUSY: .*in use/);
+      const r = vdisk(['stream', '--drop-backing', image]);
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout).toMatch(/backing file dropped/);
+      expect(sh(`cmp ${image}.mnt ${remote}`).status).toBe(0);
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    standsAlone(image);
+  });
+});
