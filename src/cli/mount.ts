@@ -10,6 +10,7 @@ import fs from 'node:fs/promises';
 import { HttpDriver, isHttpUrl } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
+import { checkMountpoint } from '../export/mountpoint.js';
 import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
 
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
@@ -97,6 +98,8 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
 }
 
 export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
+  // The mountpoint first: a clearer error than the image lock when it is mounted already.
+  await checkMountpoint(args.mountpoint);
   const warnings: string[] = [];
   const image = await openImage(args.image, {
     readOnly: args['read-only'],
