@@ -63,7 +63,7 @@ vdisk create -f qcow2 -b "$url" -F raw "$work/cache.qcow2"
 
 step "mount it with copy-on-read: the mounted file is the ISO"
 touch "$work/demo.iso"
-vdisk mount --copy-on-read --stats "$work/cache.qcow2" "$work/demo.iso" 2> "$work/vdisk.log" &
+node "$here/dist/cli/main.js" mount --copy-on-read --stats "$work/cache.qcow2" "$work/demo.iso" 2> "$work/vdisk.log" &
 server=$!
 until grep -q 'vdisk: serving' "$work/vdisk.log"; do
   kill -0 "$server" 2>/dev/null || { cat "$work/vdisk.log"; exit 1; }

@@ -20,7 +20,7 @@ vdisk info "$work/disk.img"
 
 step "mount it on an empty regular file"
 touch "$work/disk"
-vdisk mount "$work/disk.img" "$work/disk" --stats 2> "$work/vdisk.log" &
+node "$here/dist/cli/main.js" mount "$work/disk.img" "$work/disk" --stats 2> "$work/vdisk.log" &
 server=$!
 until grep -q 'vdisk: serving' "$work/vdisk.log"; do
   kill -0 "$server" 2>/dev/null || { cat "$work/vdisk.log"; exit 1; }

@@ -119,21 +119,31 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
     const backing = node.backing!;
     const below = pos < backing.size() ? await blockStatusAbove(backing, pos, Math.min(n, backing.size() - pos)) : null;
     const zeroUnits = below ? (below.zero ? below.bytes - (below.bytes % granularity) : 0) : n;
-    let bounce: Buffer;
-    if (zeroUnits > 0) {
-      n = Math.min(n, zeroUnits);
-      bounce = ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n);
-    } else {
-      bounce = Buffer.allocUnsafe(n);
-      await alignedPreadv(node, pos, n, [bounce]);
-      node.corStats.bytesFromBacking += n;
-    }
+    // Read straight into the caller's buffers where they cover the range; scratch around them.
+    let parts: Buffer[];
     const from2 = Math.max(pos, offset);
     const to2 = Math.min(pos + n, offset + bytes);
-    if (iov && to2 > from2) copyInto(iovSlice(iov, from2 - offset, to2 - from2), bounce.subarray(from2 - pos, to2 - pos));
+    if (zeroUnits > 0) {
+      n = Math.min(n, zeroUnits);
+      const zero = ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n);
+      parts = [zero];
+      const f = Math.max(pos, offset);
+      const t = Math.min(pos + n, offset + bytes);
+      if (iov && t > f) for (const b of iovSlice(iov, f - offset, t - f)) b.fill(0);
+    } else {
+      parts = iov && to2 > from2
+        ? [
+            ...(from2 > pos ? [Buffer.allocUnsafe(from2 - pos)] : []),
+            ...iovSlice(iov, from2 - offset, to2 - from2),
+            ...(pos + n > to2 ? [Buffer.allocUnsafe(pos + n - to2)] : []),
+          ]
+        : [Buffer.allocUnsafe(n)];
+      await alignedPreadv(node, pos, n, parts);
+      node.corStats.bytesFromBacking += n;
+    }
     try {
-      if (zeroUnits > 0 || isZero(bounce)) await alignedPwriteZeroes(node, pos, n, false);
-      else await alignedPwritev(node, pos, n, [bounce]);
+      if (zeroUnits > 0 || iovIsZero(parts)) await alignedPwriteZeroes(node, pos, n, false);
+      else await alignedPwritev(node, pos, n, parts);
       node.corStats.bytesCopied += n;
     } catch (err) {
       if (strict) throw err;

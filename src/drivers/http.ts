@@ -83,15 +83,51 @@ class RetryableError extends Error {
   }
 }
 
-interface Chunk {
-  start: number;
-  data: Buffer;
+/**
+ * A fetched range, kept as the buffers the body arrived in: assembling them
+ * into one big buffer would cost a copy of every byte and garbage to collect.
+ */
+class Fetched {
+  readonly start: number;
+  readonly length: number;
+  private readonly parts: Buffer[];
+  /** ends[i]: offset (within the range) just past parts[i]. */
+  private readonly ends: number[];
+
+  constructor(start: number, parts: Buffer[]) {
+    this.start = start;
+    this.parts = parts;
+    this.ends = [];
+    let n = 0;
+    for (const p of parts) this.ends.push((n += p.length));
+    this.length = n;
+  }
+
+  /** Copy `n` bytes from range offset `from` into `dst` at `at`. */
+  copyTo(dst: Buffer, at: number, from: number, n: number): void {
+    let lo = 0;
+    let hi = this.ends.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.ends[mid]! <= from) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; n > 0; i++) {
+      const part = this.parts[i]!;
+      const partStart = this.ends[i]! - part.length;
+      const k = Math.min(n, this.ends[i]! - from);
+      part.copy(dst, at, from - partStart, from - partStart + k);
+      at += k;
+      from += k;
+      n -= k;
+    }
+  }
 }
 
 interface Pending {
   start: number;
   end: number;
-  promise: Promise<Buffer>;
+  promise: Promise<Fetched>;
 }
 
 function parseRetryAfter(value: string | string[] | undefined): number | undefined {
@@ -120,7 +156,7 @@ export class HttpDriver implements BlockDriver {
   private readonly headers: Record<string, string>;
   private bytes = 0;
   private validator: string | null = null;
-  private readonly cache: Chunk[] = [];
+  private readonly cache: Fetched[] = [];
   private cacheBytes = 0;
   private readonly pending: Pending[] = [];
   private lastEnd = -1;
@@ -249,7 +285,7 @@ export class HttpDriver implements BlockDriver {
   }
 
   /** GET [start, end) with the validator; exactly those bytes, or an error. */
-  private fetchRange(start: number, end: number): Promise<Buffer> {
+  private fetchRange(start: number, end: number): Promise<Fetched> {
     const what = `GET bytes=${start}-${end - 1}`;
     return this.withRetries(what, async () => {
       const headers: Record<string, string> = { ...this.headers, range: `bytes=${start}-${end - 1}` };
@@ -268,17 +304,17 @@ export class HttpDriver implements BlockDriver {
           await res.body.dump({ limit: 0 }).catch(() => undefined);
           throw new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (ETag ${this.validator} is now ${etag})`);
         }
-        const data = Buffer.allocUnsafe(end - start);
+        const parts: Buffer[] = [];
         let got = 0;
         for await (const chunk of res.body) {
           const b = chunk as Buffer;
-          if (got + b.length > data.length) throw new VdiskError('EIO', `${this.name}: more data than asked for in ${what}`);
-          b.copy(data, got);
           got += b.length;
+          if (got > end - start) throw new VdiskError('EIO', `${this.name}: more data than asked for in ${what}`);
+          parts.push(b);
         }
-        if (got !== data.length) throw Object.assign(new Error(`short body: ${got} of ${data.length} bytes`), { code: 'ERR_SHORT_BODY' });
+        if (got !== end - start) throw Object.assign(new Error(`short body: ${got} of ${end - start} bytes`), { code: 'ERR_SHORT_BODY' });
         this.stats.bytesFetched += got;
-        return data;
+        return new Fetched(start, parts);
       }
       // A 200 to a range request is never the range: with If-Range it means the file changed.
       await res.body.dump({ limit: 0 }).catch(() => undefined);
@@ -294,25 +330,25 @@ export class HttpDriver implements BlockDriver {
   // -------------------------------------------------------------------------
   // Reads: cache, coalescing, readahead
 
-  private cached(offset: number, bytes: number): Chunk | undefined {
-    return this.cache.find((c) => c.start <= offset && offset + bytes <= c.start + c.data.length);
+  private cached(offset: number, bytes: number): Fetched | undefined {
+    return this.cache.find((c) => c.start <= offset && offset + bytes <= c.start + c.length);
   }
 
-  private remember(chunk: Chunk): void {
+  private remember(chunk: Fetched): void {
     this.cache.push(chunk);
-    this.cacheBytes += chunk.data.length;
-    while (this.cacheBytes > this.options.cacheBytes && this.cache.length > 1) this.cacheBytes -= this.cache.shift()!.data.length;
+    this.cacheBytes += chunk.length;
+    while (this.cacheBytes > this.options.cacheBytes && this.cache.length > 1) this.cacheBytes -= this.cache.shift()!.length;
   }
 
   /** Start (or join) a fetch of [start, end); the result lands in the cache. */
-  private fetch(start: number, end: number): Promise<Buffer> {
+  private fetch(start: number, end: number): Promise<Fetched> {
     const existing = this.pending.find((p) => p.start <= start && end <= p.end);
     if (existing) return existing.promise;
     const p: Pending = {
       start,
       end,
       promise: this.fetchRange(start, end).then((data) => {
-        this.remember({ start, data });
+        this.remember(data);
         return data;
       }),
     };
@@ -331,9 +367,9 @@ export class HttpDriver implements BlockDriver {
     // The window doubles while reads stay sequential and starts over after a seek.
     this.window = sequential ? Math.min(this.window * 2, this.options.readaheadMaxBytes) : this.options.readaheadMinBytes;
     let pos = offset;
-    // Copy n bytes of a fetched range (starting at chunkStart) into the iov at pos.
-    const copyOut = (chunkStart: number, data: Buffer, n: number) => {
-      let src = pos - chunkStart;
+    // Copy n bytes of a fetched range into the iov at pos.
+    const copyOut = (data: Fetched, n: number) => {
+      let src = pos - data.start;
       let left = n;
       let logical = pos - offset;
       for (const b of iov) {
@@ -343,7 +379,7 @@ export class HttpDriver implements BlockDriver {
           continue;
         }
         const k = Math.min(b.length - logical, left);
-        data.copy(b, logical, src, src + k);
+        data.copyTo(b, logical, src, k);
         src += k;
         left -= k;
         logical = 0;
@@ -354,22 +390,20 @@ export class HttpDriver implements BlockDriver {
       const want = offset + bytes - pos;
       const hit = this.cached(pos, 1);
       if (hit) {
-        const n = Math.min(want, hit.start + hit.data.length - pos);
-        copyOut(hit.start, hit.data, n);
+        copyOut(hit, Math.min(want, hit.start + hit.length - pos));
         continue;
       }
       const inflight = this.pending.find((p) => p.start <= pos && pos < p.end);
       if (inflight) {
         const data = await inflight.promise;
-        const n = Math.min(want, inflight.end - pos);
-        copyOut(inflight.start, data, n);
+        copyOut(data, Math.min(want, inflight.end - pos));
         continue;
       }
       // Fetch what is asked, stretched to the readahead window, not past an in-flight range or the end.
       let end = Math.min(this.bytes, pos + Math.max(want, this.window));
       for (const p of this.pending) if (p.start > pos && p.start < end) end = p.start;
       const data = await this.fetch(pos, end);
-      copyOut(pos, data, Math.min(want, end - pos));
+      copyOut(data, Math.min(want, end - pos));
     }
     // Keep the pipe full: on a sequential stream, the next window is fetched while this one is used.
     if (sequential && this.lastEnd < this.bytes) {

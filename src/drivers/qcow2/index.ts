@@ -428,7 +428,7 @@ export class Qcow2Driver implements BlockDriver {
       const pos = offset + done;
       // Whole clusters that need new host clusters: one allocation, one data write.
       if (pos % cs === 0 && bytes - done >= cs) {
-        const written = await this.metaLock.run(() => this.allocateWholeClusters(pos / cs, Math.floor((bytes - done) / cs), iovSlice(iov, done, bytes - done)));
+        const written = await this.allocateWholeClusters(pos / cs, Math.floor((bytes - done) / cs), iovSlice(iov, done, bytes - done));
         if (written) {
           done += written;
           continue;
@@ -448,34 +448,43 @@ export class Qcow2Driver implements BlockDriver {
    * Returns the bytes written (0: the first cluster is writable in place).
    */
   private async allocateWholeClusters(first: number, max: number, data: Buffer[]): Promise<number> {
-    let n = 0;
-    const old: L2Entry[] = [];
-    while (n < max && n < 256) {
-      const e = (await this.entryFor(first + n)) ?? UNALLOCATED;
-      if (this.canWriteInPlace(e, (first + n) * this.clusterSize, this.clusterSize)) break;
-      // Stay inside one L2 table so that the entries are updated in one go.
-      if (n > 0 && Math.floor((first + n) / this.l2Entries) !== Math.floor(first / this.l2Entries)) break;
-      old.push(e);
-      n++;
-    }
-    if (!n) return 0;
-    const bytes = n * this.clusterSize;
-    const host = await this.refcounts.allocate(n);
-    await this.checkNoMetadata(host.offset);
-    await io.pwritev(this.file, host.offset, bytes, iovSlice(data, 0, bytes));
-    const { table, offset } = await this.l2TableForWrite(first);
-    for (let i = 0; i < n; i++) {
-      writeL2Entry(table, (first + i) % this.l2Entries, this.extendedL2, {
-        host: host.offset + i * this.clusterSize,
-        copied: true,
-        allocMask: 0xffffffff,
-        zeroMask: 0,
-      });
-    }
-    this.l2Cache.markDirty(offset, table);
-    for (const e of old) this.freeOldCluster(e);
+    // Reserve under the lock, write the data without it (the request layer keeps
+    // other writers of these guest clusters away), then link the clusters in.
+    const plan = await this.metaLock.run(async () => {
+      let n = 0;
+      const old: L2Entry[] = [];
+      while (n < max && n < 256) {
+        const e = (await this.entryFor(first + n)) ?? UNALLOCATED;
+        if (this.canWriteInPlace(e, (first + n) * this.clusterSize, this.clusterSize)) break;
+        // Stay inside one L2 table so that the entries are updated in one go.
+        if (n > 0 && Math.floor((first + n) / this.l2Entries) !== Math.floor(first / this.l2Entries)) break;
+        old.push(e);
+        n++;
+      }
+      if (!n) return null;
+      const host = await this.refcounts.allocate(n);
+      await this.checkNoMetadata(host.offset);
+      return { n, old, host };
+    });
+    if (!plan) return 0;
+    const bytes = plan.n * this.clusterSize;
+    await io.pwritev(this.file, plan.host.offset, bytes, iovSlice(data, 0, bytes));
+    await this.metaLock.run(async () => {
+      const { table, offset } = await this.l2TableForWrite(first);
+      for (let i = 0; i < plan.n; i++) {
+        writeL2Entry(table, (first + i) % this.l2Entries, this.extendedL2, {
+          host: plan.host.offset + i * this.clusterSize,
+          copied: true,
+          allocMask: 0xffffffff,
+          zeroMask: 0,
+        });
+      }
+      this.l2Cache.markDirty(offset, table);
+      for (const e of plan.old) this.freeOldCluster(e);
+    });
     return bytes;
   }
+
 
   private checkWritable(): void {
     if (this.ro) throw new VdiskError('EROFS', 'qcow2 image opened read-only');

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of a remote image read with copy-on-read, served by
+# nginx on 127.0.0.1, in one run:
+#   vdisk        qcow2 overlay on the URL, mounted with --copy-on-read
+#   nbdkit       curl plugin + cow filter (cow-on-read=true), exposed by nbdfuse
+#   qemu         qemu-storage-daemon: http backing under a qcow2 overlay, copy-on-read filter, FUSE export
+#   curl         curl -o /dev/null: the ceiling
+# For each: first and second full sequential read (dd bs=1M) in MB/s, and the
+# bytes nginx sent during each pass. Medians of RUNS runs; ratios vs vdisk.
+#
+#   sudo bash bench/http-vs-peers.sh      # RUNS=3 SIZE_MB=1024
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+RUNS=${RUNS:-3}
+SIZE_MB=${SIZE_MB:-1024}
+
+[ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }
+need=()
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common qemu-block-extra)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdfuse >/dev/null || need+=(libnbd-bin)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+[ -f "$here/dist/cli/main.js" ] || bash "$here/scripts/setup.sh"
+vdisk() { node "$here/dist/cli/main.js" "$@"; }
+
+work="$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)"
+server=""
+nginx_pid=""
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  for m in "$work"/mnt-*; do grep -q " $m " /proc/mounts && umount -l "$m"; done 2>/dev/null || true
+  [ -n "$nginx_pid" ] && kill -QUIT "$nginx_pid" 2>/dev/null && wait "$nginx_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir -p "$work/www"
+head -c "$((SIZE_MB * 1024 * 1024))" /dev/urandom > "$work/www/disk.raw"
+port=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+cat > "$work/nginx.conf" <<CONF
+user root;
+worker_processes 2;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 256; }
+http {
+  log_format body '\$body_bytes_sent';
+  access_log $work/access.log body;
+  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
+  keepalive_requests 1000000;
+  sendfile on;
+  server { listen 127.0.0.1:$port; root $work/www; }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" &
+nginx_pid=$!
+url="http://127.0.0.1:$port/disk.raw"
+curl -sfI --retry 50 --retry-connrefused --retry-delay 0 "$url" >/dev/null
+cat "$work/www/disk.raw" >/dev/null
+echo "bench: ${SIZE_MB} MiB image served by nginx at $url, $RUNS runs"
+
+served() { awk '{ n += $1 } END { print n + 0 }' "$work/access.log"; }
+wait_file() { # path pid
+  for _ in $(seq 400); do
+    [ -s "$1" ] 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { echo "bench: server died" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "bench: $1 never appeared" >&2; return 1
+}
+dd_rate() {
+  LC_ALL=C dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
+    if (u == "GB/s") r *= 1000; else if (u == "kB/s") r /= 1000; printf "%.0f\n", r }'
+}
+
+file=""
+start_vdisk() { # sets $file, the mounted file to read
+  rm -f "$work/v.qcow2"; vdisk create -f qcow2 -b "$url" -F raw "$work/v.qcow2" >/dev/null
+  touch "$work/mnt-vdisk"
+  node "$here/dist/cli/main.js" mount --copy-on-read "$work/v.qcow2" "$work/mnt-vdisk" 2>>"$work/vdisk.log" &
+  server=$!
+  file="$work/mnt-vdisk"
+  wait_file "$file" "$server"
+}
+start_nbdkit() {
+  mkdir -p "$work/mnt-nbd"
+  nbdfuse "$work/mnt-nbd/disk" --command nbdkit -s curl url="$url" --filter=cow cow-on-read=true >>"$work/nbd.log" 2>&1 &
+  server=$!
+  file="$work/mnt-nbd/disk"
+  wait_file "$file" "$server"
+}
+start_qemu() {
+  rm -f "$work/q.qcow2"; qemu-img create -q -f qcow2 -b "$url" -F raw "$work/q.qcow2"
+  touch "$work/mnt-qemu"
+  qemu-storage-daemon \
+    --blockdev node-name=remote,driver=http,url="$url",read-only=on \
+    --blockdev node-name=f,driver=file,filename="$work/q.qcow2" \
+    --blockdev node-name=q,driver=qcow2,file=f,backing=remote \
+    --blockdev node-name=cor,driver=copy-on-read,file=q \
+    --export type=fuse,id=e,node-name=cor,mountpoint="$work/mnt-qemu",writable=on >>"$work/qsd.log" 2>&1 &
+  server=$!
+  file="$work/mnt-qemu"
+  wait_file "$file" "$server"
+}
+stop_server() {
+  case "$1" in
+    nbdkit) fusermount3 -u "$work/mnt-nbd" 2>/dev/null || umount -l "$work/mnt-nbd" ;;
+    *) kill -INT "$server" ;;
+  esac
+  wait "$server" 2>/dev/null || true
+  server=""
+}
+
+declare -A results
+measure() { # name
+  local name=$1 b0 b1 b2
+  "start_$name"
+  b0=$(served)
+  results[$name,first,$run]=$(dd_rate if="$file" of=/dev/null bs=1M)
+  b1=$(served)
+  dd if="$file" iflag=nocache count=0 status=none
+  results[$name,second,$run]=$(dd_rate if="$file" of=/dev/null bs=1M)
+  b2=$(served)
+  results[$name,bytes1,$run]=$((b1 - b0))
+  results[$name,bytes2,$run]=$((b2 - b1))
+  stop_server "$name"
+  echo "bench: $name run $run: first ${results[$name,first,$run]} MB/s (served $((b1 - b0))), second ${results[$name,second,$run]} MB/s (served $((b2 - b1)))"
+}
+
+for run in $(seq "$RUNS"); do
+  b0=$(served)
+  results[curl,first,$run]=$(curl -s -o /dev/null -w '%{speed_download}' "$url" | awk '{ printf "%.0f\n", $1 / 1000000 }')
+  results[curl,bytes1,$run]=$(( $(served) - b0 ))
+  echo "bench: curl run $run: ${results[curl,first,$run]} MB/s"
+  order=(vdisk nbdkit qemu)
+  [ $((run % 2)) -eq 0 ] && order=(qemu nbdkit vdisk)
+  for name in "${order[@]}"; do measure "$name"; done
+done
+
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { local v=(); for run in $(seq "$RUNS"); do v+=("${results[$1,$2,$run]:-0}"); done; median "${v[@]}"; }
+size=$((SIZE_MB * 1024 * 1024))
+printf '\n%-10s %14s %14s %16s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st"
+cv=$(col curl first)
+vf=$(col vdisk first)
+for name in vdisk nbdkit qemu curl; do
+  f=$(col "$name" first); s=$(col "$name" second); b=$(col "$name" bytes1)
+  printf '%-10s %14s %14s %16s %14s %14s\n' "$name" "$f" "${s:-}" "$(awk -v a="$b" -v b="$size" 'BEGIN { printf "%.3f", a / b }')" \
+    "$(awk -v a="$vf" -v b="$f" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" "$(awk -v a="$f" -v b="$cv" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+done
