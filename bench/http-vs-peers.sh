@@ -65,7 +65,7 @@ curl -sfI --retry 50 --retry-connrefused --retry-delay 0 "$url" >/dev/null
 cat "$work/www/disk.raw" >/dev/null
 echo "bench: ${SIZE_MB} MiB image served by nginx at $url, $RUNS runs"
 
-served() { awk '{ n += $1 } END { print n + 0 }' "$work/access.log"; }
+served() { awk '{ n += $1 } END { printf "%.0f\n", n }' "$work/access.log"; }
 wait_file() { # path pid
   for _ in $(seq 400); do
     [ -s "$1" ] 2>/dev/null && return 0
@@ -74,8 +74,8 @@ wait_file() { # path pid
   done
   echo "bench: $1 never appeared" >&2; return 1
 }
-dd_rate() {
-  LC_ALL=C dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
+dd_rate() { # a peer that hangs (seen once with qemu 7.2's curl driver) gets 0, not a stuck benchmark
+  LC_ALL=C timeout 300 dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
     if (u == "GB/s") r *= 1000; else if (u == "kB/s") r /= 1000; printf "%.0f\n", r }'
 }
 

@@ -20,7 +20,7 @@ cleanup() {
 }
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-bytes_served() { awk '{ n += $2 } END { print n + 0 }' "$work/access.log"; }
+bytes_served() { awk '{ n += $2 } END { printf "%.0f\n", n }' "$work/access.log"; }
 
 step "build a 64 MiB ISO holding a few files"
 mkdir -p "$work/iso/docs" "$work/iso/data"

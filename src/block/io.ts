@@ -107,10 +107,9 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
   for (let pos = start; pos < end; ) {
     const st = await blockStatus(node, pos, end - pos);
     let n = st.bytes;
-    // The part of [pos, pos+n) the caller asked for.
-    const from = Math.max(pos, offset);
-    const to = Math.min(pos + n, offset + bytes);
     if (st.allocated) {
+      const from = Math.max(pos, offset);
+      const to = Math.min(pos + n, offset + bytes);
       if (iov && to > from) await readAligned(node, from, to - from, iovSlice(iov, from - offset, to - from));
       pos += n;
       continue;
@@ -119,24 +118,19 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
     const backing = node.backing!;
     const below = pos < backing.size() ? await blockStatusAbove(backing, pos, Math.min(n, backing.size() - pos)) : null;
     const zeroUnits = below ? (below.zero ? below.bytes - (below.bytes % granularity) : 0) : n;
-    // Read straight into the caller's buffers where they cover the range; scratch around them.
+    if (zeroUnits > 0) n = Math.min(n, zeroUnits);
+    // The caller's buffers for the part of [pos, pos+n) it asked for.
+    const from = Math.max(pos, offset);
+    const to = Math.min(pos + n, offset + bytes);
+    const wanted = iov && to > from ? iovSlice(iov, from - offset, to - from) : [];
     let parts: Buffer[];
-    const from2 = Math.max(pos, offset);
-    const to2 = Math.min(pos + n, offset + bytes);
     if (zeroUnits > 0) {
-      n = Math.min(n, zeroUnits);
-      const zero = ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n);
-      parts = [zero];
-      const f = Math.max(pos, offset);
-      const t = Math.min(pos + n, offset + bytes);
-      if (iov && t > f) for (const b of iovSlice(iov, f - offset, t - f)) b.fill(0);
+      for (const b of wanted) b.fill(0);
+      parts = [ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n)];
     } else {
-      parts = iov && to2 > from2
-        ? [
-            ...(from2 > pos ? [Buffer.allocUnsafe(from2 - pos)] : []),
-            ...iovSlice(iov, from2 - offset, to2 - from2),
-            ...(pos + n > to2 ? [Buffer.allocUnsafe(pos + n - to2)] : []),
-          ]
+      // Read straight into the caller's buffers, with scratch space around them.
+      parts = wanted.length
+        ? [...(from > pos ? [Buffer.allocUnsafe(from - pos)] : []), ...wanted, ...(pos + n > to ? [Buffer.allocUnsafe(pos + n - to)] : [])]
         : [Buffer.allocUnsafe(n)];
       await alignedPreadv(node, pos, n, parts);
       node.corStats.bytesFromBacking += n;

@@ -27,7 +27,7 @@ const trace = tracer('http');
 export interface HttpOptions {
   /** Extra request headers, e.g. Authorization. */
   headers?: Record<string, string>;
-  /** PEM file with CA certificates to trust (in addition to none: replaces the system store). */
+  /** PEM file with more CA certificates to trust, besides the system's. */
   caFile?: string;
   /** Accept any TLS certificate. */
   insecure?: boolean;
@@ -49,6 +49,9 @@ export interface HttpStats {
   bytesFetched: number;
   retries: number;
 }
+
+/** Debian's system CA store (ca-certificates). */
+const SYSTEM_CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt';
 
 const DEFAULTS = {
   timeoutMs: 30_000,
@@ -177,7 +180,11 @@ export class HttpDriver implements BlockDriver {
     this.name = displayUrl(url);
     this.window = this.options.readaheadMinBytes;
     const connect: Record<string, unknown> = {};
-    if (options.caFile) connect['ca'] = fs.readFileSync(options.caFile);
+    // Trust the system's CA store (Node otherwise uses its own bundle), plus --ca-file.
+    const cas: Buffer[] = [];
+    if (fs.existsSync(SYSTEM_CA_BUNDLE)) cas.push(fs.readFileSync(SYSTEM_CA_BUNDLE));
+    if (options.caFile) cas.push(fs.readFileSync(options.caFile));
+    if (cas.length) connect['ca'] = cas;
     if (options.insecure) connect['rejectUnauthorized'] = false;
     this.dispatcher = new Agent({
       connections: this.options.connections,
