@@ -11,20 +11,15 @@
 #   sudo bash bench/http-vs-peers.sh      # RUNS=3 SIZE_MB=1024
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 RUNS=${RUNS:-3}
 SIZE_MB=${SIZE_MB:-1024}
 
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }
-need=()
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common qemu-block-extra)
-command -v nbdkit >/dev/null || need+=(nbdkit)
-command -v nbdfuse >/dev/null || need+=(libnbd-bin)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+bench_need qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdfuse:libnbd-bin nginx:nginx-light curl:curl
+# qemu's http driver is a loadable module, packaged in qemu-block-extra.
+[ -f /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || bench_need block-curl.so:qemu-block-extra
 [ -f "$here/dist/cli/main.js" ] || bash "$here/scripts/setup.sh"
 vdisk() { node "$here/dist/cli/main.js" "$@"; }
 
@@ -74,11 +69,6 @@ wait_file() { # path pid
   done
   echo "bench: $1 never appeared" >&2; return 1
 }
-dd_rate() { # a peer that hangs (seen once with qemu 7.2's curl driver) gets 0, not a stuck benchmark
-  LC_ALL=C timeout 300 dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
-    if (u == "GB/s") r *= 1000; else if (u == "kB/s") r /= 1000; printf "%.0f\n", r }'
-}
-
 file=""
 start_vdisk() { # sets $file, the mounted file to read
   rm -f "$work/v.qcow2"; vdisk create -f qcow2 -b "$url" -F raw "$work/v.qcow2" >/dev/null
@@ -143,7 +133,6 @@ for run in $(seq "$RUNS"); do
   for name in "${order[@]}"; do measure "$name"; done
 done
 
-median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { local v=(); for run in $(seq "$RUNS"); do v+=("${results[$1,$2,$run]:-0}"); done; median "${v[@]}"; }
 size=$((SIZE_MB * 1024 * 1024))
 printf '\n%-10s %14s %14s %16s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st"
