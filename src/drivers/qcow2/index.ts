@@ -40,6 +40,8 @@ import { readL1Entry, readL2Entry, subclusterKind, writeL1Entry, writeL2Entry, t
 import { Refcounts } from './refcount.js';
 import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
+import { bitmapRanges, repairImage } from './check.js';
+import { blockStatusAbove } from '../../block/block-status.js';
 
 const trace = tracer('qcow2');
 /**
@@ -215,7 +217,6 @@ export class Qcow2Driver implements BlockDriver {
     const bitmaps = h.extensions.find((e) => e.type === EXT_BITMAPS);
     let bitmapClusters: number[] = [];
     if (bitmaps) {
-      const { bitmapRanges } = await import('./check.js');
       for (const r of await bitmapRanges(this, bitmaps.data)) {
         for (let c = Math.floor(r.offset / this.clusterSize); c < Math.ceil((r.offset + r.bytes) / this.clusterSize); c++) bitmapClusters.push(c);
       }
@@ -225,7 +226,6 @@ export class Qcow2Driver implements BlockDriver {
       rewrite = true;
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-      const { repairImage } = await import('./check.js');
       this.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
       await repairImage(this, 'all');
       h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
@@ -792,7 +792,6 @@ export class Qcow2Driver implements BlockDriver {
   private async backingReadsZero(offset: number, bytes: number): Promise<boolean> {
     const b = this.backing;
     if (!b || offset >= b.size()) return true;
-    const { blockStatusAbove } = await import('../../block/block-status.js');
     const end = Math.min(offset + bytes, b.size());
     for (let pos = offset; pos < end; ) {
       const st = await blockStatusAbove(b, pos, end - pos);
