@@ -149,7 +149,7 @@ export class Qcow2Driver implements BlockDriver {
       readOnly = true;
     }
     const cs = 2 ** header.clusterBits;
-    const l1 = Buffer.alloc(Math.ceil((header.l1Size * 8) / 8) * 8);
+    const l1 = Buffer.alloc(header.l1Size * 8);
     if (l1.length) await io.preadv(file, header.l1TableOffset, l1.length, [l1]);
     const l2Bytes = options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES;
     const l2Cache = new TableCache('l2', file, cs, Math.floor(l2Bytes / cs));
@@ -278,7 +278,11 @@ export class Qcow2Driver implements BlockDriver {
 
   async entryFor(cluster: number): Promise<L2Entry | null> {
     const cached = this.cachedEntryFor(cluster);
-    if (cached !== undefined) return cached;
+    return cached !== undefined ? cached : this.loadEntry(cluster);
+  }
+
+  /** The entry, reading its L2 table into the cache. */
+  private async loadEntry(cluster: number): Promise<L2Entry | null> {
     const l2 = await this.l2For(cluster);
     if (!l2) return null;
     const e = readL2Entry(l2.table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
@@ -314,9 +318,10 @@ export class Qcow2Driver implements BlockDriver {
 
   /** The longest prefix of [offset, offset+bytes) inside one cluster with one kind. */
   private async piece(offset: number, bytes: number): Promise<Piece> {
-    const cached = this.cachedEntryFor(Math.floor(offset / this.clusterSize));
+    const cluster = Math.floor(offset / this.clusterSize);
+    const cached = this.cachedEntryFor(cluster);
     // The common case (L2 table cached) answers without awaiting anything.
-    return this.pieceOf(offset, bytes, cached === undefined ? await this.entryFor(Math.floor(offset / this.clusterSize)) : cached);
+    return this.pieceOf(offset, bytes, cached === undefined ? await this.loadEntry(cluster) : cached);
   }
 
   private pieceOf(offset: number, bytes: number, found: L2Entry | null): Piece {
@@ -400,23 +405,14 @@ export class Qcow2Driver implements BlockDriver {
   // -------------------------------------------------------------------------
   // Writes
 
-  /** Can a write to this range be done in place (no allocation, no metadata change)? */
+  /** May a write to this range allocate? Without I/O: true whenever its L2 table is not cached. */
   mayAllocate(offset: number, bytes: number): boolean {
     for (let c = Math.floor(offset / this.clusterSize); c * this.clusterSize < offset + bytes; c++) {
-      const l1Index = Math.floor(c / this.l2Entries);
-      const { offset: l2Offset } = readL1Entry(this.l1, l1Index);
-      const table = l2Offset ? this.l2Cache.peek(l2Offset) : undefined;
-      if (!table) return true;
-      const e = readL2Entry(table, c % this.l2Entries, this.extendedL2, this.clusterBits);
-      if (e.compressed || !e.copied || !e.host) return true;
-      if (this.extendedL2 || e.zeroFlag) {
-        const from = Math.max(offset, c * this.clusterSize);
-        const to = Math.min(offset + bytes, (c + 1) * this.clusterSize);
-        if (e.zeroFlag) return true;
-        for (let sc = Math.floor((from % this.clusterSize) / this.subclusterSize); sc * this.subclusterSize < to - c * this.clusterSize; sc++) {
-          if (!(e.allocMask & 2 ** sc)) return true;
-        }
-      }
+      const e = this.cachedEntryFor(c);
+      if (!e) return true;
+      const from = Math.max(offset, c * this.clusterSize);
+      const to = Math.min(offset + bytes, (c + 1) * this.clusterSize);
+      if (!this.canWriteInPlace(e, from, to - from)) return true;
     }
     return false;
   }
@@ -463,7 +459,7 @@ export class Qcow2Driver implements BlockDriver {
       }
       if (!n) return null;
       const host = await this.refcounts.allocate(n);
-      await this.checkNoMetadata(host.offset);
+      this.checkNoMetadata(host.offset);
       return { n, old, host };
     });
     if (!plan) return 0;
@@ -495,7 +491,7 @@ export class Qcow2Driver implements BlockDriver {
     const cluster = Math.floor(offset / this.clusterSize);
     const e = await this.entryFor(cluster);
     if (e && this.canWriteInPlace(e, offset, bytes)) {
-      await this.checkNoMetadata(e.host);
+      this.checkNoMetadata(e.host);
       return io.pwritev(this.file, e.host + (offset % this.clusterSize), bytes, data);
     }
     await this.metaLock.run(() => this.allocatingWrite(cluster, offset, bytes, data));
@@ -511,7 +507,7 @@ export class Qcow2Driver implements BlockDriver {
     return true;
   }
 
-  private async checkNoMetadata(host: number): Promise<void> {
+  private checkNoMetadata(host: number): void {
     if (this.metadata.has(host / this.clusterSize)) {
       throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: refusing to write data over metadata at ${host}`);
     }
@@ -528,8 +524,11 @@ export class Qcow2Driver implements BlockDriver {
     const scs = this.subclusterSize;
     const base = cluster * cs;
     const old = (await this.entryFor(cluster)) ?? UNALLOCATED;
-    const inPlace = this.canWriteInPlace(old, offset, bytes);
-    if (inPlace) return io.pwritev(this.file, old.host + (offset - base), bytes, data); // someone allocated it meanwhile
+    if (this.canWriteInPlace(old, offset, bytes)) {
+      // Someone allocated it while we waited for the lock.
+      this.checkNoMetadata(old.host);
+      return io.pwritev(this.file, old.host + (offset - base), bytes, data);
+    }
 
     // Which subclusters the new host cluster must hold valid data for.
     const first = Math.floor((offset - base) / scs);
@@ -547,7 +546,7 @@ export class Qcow2Driver implements BlockDriver {
     }
 
     const host = reuseHost ? { offset: old.host, fresh: false } : await this.refcounts.allocate(1);
-    await this.checkNoMetadata(host.offset);
+    this.checkNoMetadata(host.offset);
     // Assemble: the touched subclusters around the request, plus the kept ones.
     const buf = Buffer.alloc(cs);
     const segments: Array<[number, number]> = [];
@@ -742,37 +741,34 @@ export class Qcow2Driver implements BlockDriver {
       }
     }
     if (this.header.version === 2) return this.zeroV2(cluster, old, from, to);
-    if (!this.extendedL2) {
-      // from..to is the whole cluster here (unit = cluster).
-      const keepHost = !mayUnmap && old.host && old.copied && !old.compressed;
-      await this.setL2Entry(cluster, { host: keepHost ? old.host : 0, copied: Boolean(keepHost), zeroFlag: true });
-      if (!keepHost) this.freeOldCluster(old);
+    // A whole cluster (always so without subclusters: unit = cluster) is the table-at-a-time case.
+    if (from === 0 && to === this.clusterSize) {
+      await this.zeroWholeClusters(cluster, 1, mayUnmap);
       return;
     }
-    let allocMask = old.compressed ? 0 : old.allocMask;
-    let zeroMask = old.compressed ? 0 : old.zeroMask;
+    // Part of a cluster with subclusters.
     if (old.compressed) {
       // Compressed clusters have no subclusters: the untouched part must survive as data.
-      if (from > 0 || to < this.clusterSize) {
-        const rest = Buffer.alloc(this.clusterSize);
-        await this.preadv(base, this.clusterSize, [rest]);
-        rest.fill(0, from, to);
-        await this.allocatingWrite(cluster, base, this.clusterSize, [rest]);
-        return;
-      }
+      const rest = Buffer.alloc(this.clusterSize);
+      await this.preadv(base, this.clusterSize, [rest]);
+      rest.fill(0, from, to);
+      await this.allocatingWrite(cluster, base, this.clusterSize, [rest]);
+      return;
     }
+    let allocMask = old.allocMask;
+    let zeroMask = old.zeroMask;
     for (let sc = from / unit; sc < to / unit; sc++) {
       allocMask &= ~(2 ** sc);
       zeroMask |= 2 ** sc;
     }
-    const freeHost = allocMask === 0 && (mayUnmap || old.compressed || !old.copied);
+    const freeHost = allocMask === 0 && (mayUnmap || !old.copied);
     await this.setL2Entry(cluster, {
-      host: freeHost || old.compressed ? 0 : old.host,
-      copied: !freeHost && !old.compressed && old.copied && Boolean(old.host),
+      host: freeHost ? 0 : old.host,
+      copied: !freeHost && old.copied && Boolean(old.host),
       allocMask: allocMask >>> 0,
       zeroMask: zeroMask >>> 0,
     });
-    if (freeHost || old.compressed) this.freeOldCluster(old);
+    if (freeHost) this.freeOldCluster(old);
   }
 
   /** Version 2 has no zero flag: unallocated reads zero only if nothing below shows through. */

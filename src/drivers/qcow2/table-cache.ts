@@ -25,18 +25,12 @@ export class TableCache {
   private readonly entries = new Map<number, Entry>();
   private readonly loading = new Map<number, Promise<Buffer>>();
   private dirtyCount = 0;
-  hits = 0;
-  misses = 0;
 
   constructor(name: string, file: BlockNode, tableBytes: number, maxTables: number) {
     this.name = name;
     this.file = file;
     this.tableBytes = tableBytes;
     this.maxTables = Math.max(4, maxTables);
-  }
-
-  get size(): number {
-    return this.entries.size;
   }
 
   /** True when so many tables are dirty that the owner should flush. */
@@ -50,7 +44,6 @@ export class TableCache {
     if (!e) return undefined;
     this.entries.delete(offset);
     this.entries.set(offset, e);
-    this.hits++;
     return e.table;
   }
 
@@ -60,7 +53,6 @@ export class TableCache {
     if (cached) return cached;
     const pending = this.loading.get(offset);
     if (pending) return pending;
-    this.misses++;
     const load = (async () => {
       const table = Buffer.allocUnsafe(this.tableBytes);
       await io.preadv(this.file, offset, this.tableBytes, [table]);
