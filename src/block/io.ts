@@ -413,4 +413,3 @@ export async function flush(node: BlockNode): Promise<void> {
   }
 }
 
-export type { TrackedRequest };

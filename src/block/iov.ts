@@ -36,7 +36,3 @@ export function isZero(buf: Buffer): boolean {
 export function iovIsZero(iov: readonly Buffer[]): boolean {
   return iov.every(isZero);
 }
-
-export function iovFill(iov: readonly Buffer[], value: number): void {
-  for (const b of iov) b.fill(value);
-}

@@ -81,10 +81,6 @@ export class BlockNode {
     }
   }
 
-  get requestsInFlight(): number {
-    return this.inFlight;
-  }
-
   /** Resolves once no request is in flight on this node. */
   drain(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();

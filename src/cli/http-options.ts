@@ -1,5 +1,6 @@
 /** Command-line options for images read over HTTP(S), shared by the commands that open images. */
 import type { Argv } from 'yargs';
+import type { OpenOptions } from '../block/open.js';
 import type { HttpOptions } from '../drivers/http.js';
 import { VdiskError } from '../errors.js';
 
@@ -30,4 +31,9 @@ export function httpFromArgs(args: HttpArgs): HttpOptions {
   const out: HttpOptions = { headers, insecure: args.insecure, timeoutMs: args['http-timeout'] * 1000, retries: args['http-retries'] };
   if (args['ca-file']) out.caFile = args['ca-file'];
   return out;
+}
+
+/** What every command that opens an image takes from its arguments: formats and HTTP settings. */
+export function imageOpenOptions(args: HttpArgs & { format?: string; 'backing-format'?: string }): OpenOptions {
+  return { format: args.format, backingFormat: args['backing-format'], http: httpFromArgs(args) };
 }

@@ -1,6 +1,6 @@
 /** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
-import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { chainOf, openImage } from '../block/open.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
@@ -89,12 +89,7 @@ function human(info: ImageInfo): string {
 }
 
 export async function runInfo(args: InfoArgs & HttpArgs): Promise<void> {
-  const node = await openImage(args.file, {
-    readOnly: true,
-    http: httpFromArgs(args),
-    ...(args.format ? { format: args.format } : {}),
-    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
-  });
+  const node = await openImage(args.file, { ...imageOpenOptions(args), readOnly: true });
   try {
     const nodes = args['backing-chain'] ? chainOf(node) : [node];
     const infos = await Promise.all(nodes.map(describeNode));

@@ -1,6 +1,6 @@
 /** `vdisk map`: which ranges hold data, read as zero, and which node holds them (like `qemu-img map`). */
 import type { Argv } from 'yargs';
-import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import type { BlockNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
@@ -55,12 +55,7 @@ export async function mapImage(top: BlockNode): Promise<MapEntry[]> {
 }
 
 export async function runMap(args: MapArgs & HttpArgs): Promise<void> {
-  const node = await openImage(args.file, {
-    readOnly: true,
-    http: httpFromArgs(args),
-    ...(args.format ? { format: args.format } : {}),
-    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
-  });
+  const node = await openImage(args.file, { ...imageOpenOptions(args), readOnly: true });
   try {
     const entries = await mapImage(node);
     if (args.output === 'json') {

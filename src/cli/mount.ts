@@ -11,7 +11,7 @@ import { HttpDriver, isHttpUrl } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
-import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
 export function statsLine(exp: FuseExport, top: BlockNode): string {
@@ -106,11 +106,9 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     detectZeroes: args['detect-zeroes'],
     discard: args.discard,
     warnings,
-    ...(args.format ? { format: args.format } : {}),
-    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
-    ...(args['l2-cache-size'] ? { l2CacheBytes: parseSize(args['l2-cache-size']) } : {}),
-    ...(args['copy-on-read'] !== undefined ? { copyOnRead: args['copy-on-read'] } : {}),
-    http: httpFromArgs(args),
+    ...imageOpenOptions(args),
+    l2CacheBytes: args['l2-cache-size'] === undefined ? undefined : parseSize(args['l2-cache-size']),
+    copyOnRead: args['copy-on-read'],
   });
   if (args['copy-on-read'] && !image.copyOnRead) {
     warnings.push(image.backing ? 'copy-on-read needs a writable top image' : 'copy-on-read needs a backing file: nothing to copy');

@@ -6,7 +6,7 @@ import { openImage } from '../block/open.js';
 import { controlSocketPath } from '../export/control.js';
 import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
 import { VdiskError, type ErrorCode } from '../errors.js';
-import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
+import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { formatSize } from './util.js';
 
 export interface StreamArgs {
@@ -105,12 +105,7 @@ export async function runStream(args: StreamArgs & HttpArgs): Promise<void> {
     bar.end();
     return report(args, remote);
   }
-  const top = await openImage(args.image, {
-    format: 'qcow2',
-    http: httpFromArgs(args),
-    copyOnRead: false,
-    ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
-  });
+  const top = await openImage(args.image, { ...imageOpenOptions(args), format: 'qcow2', copyOnRead: false });
   const abort = new AbortController();
   const onSignal = () => abort.abort();
   process.once('SIGINT', onSignal);
