@@ -8,7 +8,7 @@ import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.
 import type { BlockNode } from '../block/node.js';
 import * as io from '../block/io.js';
 import { blockStatus } from '../block/block-status.js';
-import { VdiskError, type ErrorCode } from '../errors.js';
+import { VdiskError, notSupported, type ErrorCode } from '../errors.js';
 import { tracer } from '../trace.js';
 
 const trace = tracer('blkdebug');
@@ -47,6 +47,16 @@ export class BlkdebugDriver implements BlockDriver {
 
   get readOnly(): boolean {
     return this.child.readOnly;
+  }
+
+  /** A filter over a growable file is growable too (it can sit under a format driver). */
+  get growable(): boolean {
+    return Boolean(this.child.driver.growable);
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (!this.child.driver.truncate) throw notSupported(`truncate on ${this.child.name}`);
+    await this.child.driver.truncate(size);
   }
 
   addRule(rule: BlkdebugRule): void {

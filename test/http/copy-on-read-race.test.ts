@@ -109,7 +109,6 @@ describe('copy-on-read against concurrent writes', () => {
     const hostFile = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
     // The overlay's own file fails writes past 1 MiB with ENOSPC: copies there fail, reads must not.
     const faulty = new BlockNode(new BlkdebugDriver(hostFile, [{ op: 'write', offset: 1024 * 1024, error: 'ENOSPC' }]), { name: 'faulty' });
-    Object.defineProperty(faulty.driver, 'growable', { value: true });
     const drv = await Qcow2Driver.open(faulty);
     drv.backing = backing;
     const top = new BlockNode(drv, { name: image, backing, copyOnRead: true });
