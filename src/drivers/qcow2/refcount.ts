@@ -261,9 +261,7 @@ export class Refcounts {
       const need = new Set<number>();
       for (let c = first; c < areaEnd; c++) {
         const t = Math.floor(c / this.entriesPerBlock);
-        if (readEntryOffset(newTable, t * 8) === 0 || t >= this.tableEntries) {
-          if (t >= this.tableEntries || this.blockOffset(t) === 0) need.add(t);
-        }
+        if (t >= this.tableEntries || this.blockOffset(t) === 0) need.add(t);
       }
       if (need.size <= blocks.length) break;
       blocks = [...need].sort((a, b) => a - b);
