@@ -586,6 +586,86 @@ static napi_value js_reply_read(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * replyReadAsync(req, buffers[]) -> Promise: the same reply, written to
+ * /dev/fuse from a thread-pool thread. The kernel's copy of a large reply into
+ * the page cache is the biggest single cost on the loop thread; off it, the
+ * loop keeps taking network data and requests while the copy runs. libfuse
+ * replies are thread-safe (its own multi-threaded loop replies from any
+ * thread). The buffers are held by a reference until the copy is done.
+ */
+typedef struct {
+  fuse_req_t req;
+  int count;
+  struct iovec iov[MAX_REPLY_IOV];
+  napi_ref buffers;
+  napi_deferred deferred;
+  napi_async_work work;
+} read_reply;
+
+static void read_reply_execute(napi_env env, void *data) {
+  (void)env;
+  read_reply *r = data;
+  fuse_reply_iov(r->req, r->iov, r->count);
+}
+
+static void read_reply_complete(napi_env env, napi_status status, void *data) {
+  read_reply *r = data;
+  napi_value undefined;
+  (void)status; /* the request is answered (or its reply failed in the kernel) either way */
+  napi_delete_reference(env, r->buffers);
+  napi_get_undefined(env, &undefined);
+  napi_resolve_deferred(env, r->deferred, undefined);
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], promise, name;
+  uint32_t n;
+  fuse_req_t req;
+  read_reply *r;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (!(req = get_req(env, argv[0]))) return NULL;
+  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
+  if (n > MAX_REPLY_IOV || !(r = calloc(1, sizeof *r))) {
+    fuse_reply_err(req, EIO);
+    napi_throw_range_error(env, "ERR_VDISK_ARG", "cannot answer this read asynchronously");
+    return NULL;
+  }
+  r->req = req;
+  r->count = (int)n;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value b;
+    if (napi_get_element(env, argv[1], i, &b) != napi_ok ||
+        napi_get_buffer_info(env, b, &r->iov[i].iov_base, &r->iov[i].iov_len) != napi_ok) {
+      free(r);
+      fuse_reply_err(req, EIO);
+      throw_last_error(env);
+      return NULL;
+    }
+  }
+  if (napi_create_reference(env, argv[1], 1, &r->buffers) != napi_ok) {
+    free(r);
+    fuse_reply_err(req, EIO);
+    throw_last_error(env);
+    return NULL;
+  }
+  if (napi_create_promise(env, &r->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "vdisk:reply", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, read_reply_execute, read_reply_complete, r, &r->work) != napi_ok ||
+      napi_queue_async_work(env, r->work) != napi_ok) {
+    /* Not queued: answer here instead, so the request is never left unanswered. */
+    fuse_reply_iov(req, r->iov, r->count);
+    napi_delete_reference(env, r->buffers);
+    free(r);
+    throw_last_error(env);
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value js_reply_write(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -878,6 +958,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mount", js_mount},           {"close", js_close},
       {"stop", js_stop},
       {"replyErr", js_reply_err},    {"replyRead", js_reply_read},
+      {"replyReadAsync", js_reply_read_async},
       {"replyWrite", js_reply_write}, {"replyLseek", js_reply_lseek},
       {"replyOpen", js_reply_open},  {"replyAttr", js_reply_attr},
       {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},

@@ -30,6 +30,8 @@ export interface NativeAddon {
   close(session: FuseSessionHandle): void;
   replyErr(req: FuseReq, errno: number): void;
   replyRead(req: FuseReq, buffers: Buffer[]): void;
+  /** The same reply, copied into the kernel on a thread-pool thread; keep the buffers until it settles. */
+  replyReadAsync(req: FuseReq, buffers: Buffer[]): Promise<void>;
   replyWrite(req: FuseReq, count: number): void;
   replyLseek(req: FuseReq, offset: number): void;
   replyOpen(req: FuseReq, directIo: boolean, keepCache: boolean): void;

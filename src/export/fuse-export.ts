@@ -50,6 +50,12 @@ const SET_ATTR_MTIME_NOW = 1 << 8;
 export const FUSE_MAX_IO_BYTES = 1024 * 1024;
 /** Read buffers kept for reuse (the kernel rarely has more reads in flight). */
 const MAX_POOLED_READ_BUFFERS = 32;
+/**
+ * Read replies this large are copied into the kernel from a thread-pool thread:
+ * the copy is the loop thread's biggest cost on sequential reads, while for
+ * small reads the thread hop would cost more latency than the copy.
+ */
+const ASYNC_REPLY_MIN_BYTES = 256 * 1024;
 
 export interface ExportOptions {
   mountpoint: string;
@@ -72,7 +78,8 @@ export interface ExportStats {
   errors: number;
 }
 
-type Reply = () => void;
+/** Sends the answer; a reply copied off the loop thread settles when the kernel has it. */
+type Reply = () => void | Promise<void>;
 
 export class FuseExport {
   readonly node: BlockNode;
@@ -280,6 +287,9 @@ export class FuseExport {
           }
           this.stats.reads++;
           this.stats.bytesRead += bytes;
+          if (bytes >= ASYNC_REPLY_MIN_BYTES) {
+            return () => addon.replyReadAsync(req, [buf]).finally(() => this.releaseReadBuffer(block));
+          }
           return () => {
             // The kernel has copied the data once replyRead returns: the buffer is free again.
             try {
