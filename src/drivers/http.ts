@@ -8,9 +8,11 @@
  * - Every range request carries the validator seen at open (If-Range with the
  *   ETag, else Last-Modified): a changed file answers 200 instead of 206 and the
  *   read fails with EIO. Old and new data are never mixed.
- * - Sequential reads grow a readahead window (reset by a seek); fetched ranges
- *   are kept in a small bounded cache; reads inside a range that is already on
- *   its way wait for it instead of fetching again.
+ * - Sequential reads grow a readahead window (twice what the stream has read,
+ *   reset by a seek) that is kept on its way ahead of the reader, in pieces
+ *   fetched side by side. Body chunks are handed to readers as they arrive:
+ *   a read waits for its own bytes, not for the whole range holding them.
+ *   Fetched ranges are kept in a small bounded cache.
  * - Connection errors, timeouts and 5xx/429 answers are retried with backoff
  *   (honouring Retry-After), bounded in count and time.
  * - Credentials in the URL become an Authorization header and never appear in
@@ -53,6 +55,9 @@ export interface HttpStats {
 /** Debian's system CA store (ca-certificates). */
 const SYSTEM_CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt';
 
+/** Readahead goes out in GETs of at most this much, several at once. */
+const READAHEAD_PIECE_BYTES = 4 * 1024 * 1024;
+
 const DEFAULTS = {
   timeoutMs: 30_000,
   retries: 5,
@@ -87,26 +92,60 @@ class RetryableError extends Error {
 }
 
 /**
- * A fetched range, kept as the buffers the body arrived in: assembling them
- * into one big buffer would cost a copy of every byte and garbage to collect.
+ * A range on its way from the server or arrived, kept as the buffers the body
+ * came in (assembling one big buffer would cost a copy of every byte).
+ * Readers copy out the prefix that has arrived and wait only for the bytes
+ * they need, not for the whole range.
  */
-class Fetched {
+class RangeBuffer {
   readonly start: number;
-  readonly length: number;
-  private readonly parts: Buffer[];
+  readonly end: number;
+  /** Bytes arrived so far, from `start`. */
+  received = 0;
+  failed: Error | null = null;
+  private readonly parts: Buffer[] = [];
   /** ends[i]: offset (within the range) just past parts[i]. */
-  private readonly ends: number[];
+  private readonly ends: number[] = [];
+  private waiters: { need: number; resolve: () => void; reject: (err: Error) => void }[] = [];
 
-  constructor(start: number, parts: Buffer[]) {
+  constructor(start: number, end: number) {
     this.start = start;
-    this.parts = parts;
-    this.ends = [];
-    let n = 0;
-    for (const p of parts) this.ends.push((n += p.length));
-    this.length = n;
+    this.end = end;
   }
 
-  /** Copy `n` bytes from range offset `from` into `dst` at `at`. */
+  get length(): number {
+    return this.end - this.start;
+  }
+
+  get complete(): boolean {
+    return this.received === this.length;
+  }
+
+  append(chunk: Buffer): void {
+    this.parts.push(chunk);
+    this.ends.push((this.received += chunk.length));
+    if (this.waiters.length === 0) return;
+    const ready = this.waiters.filter((w) => w.need <= this.received);
+    if (ready.length === 0) return;
+    this.waiters = this.waiters.filter((w) => w.need > this.received);
+    for (const w of ready) w.resolve();
+  }
+
+  fail(err: Error): void {
+    this.failed = err;
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const w of waiters) w.reject(err);
+  }
+
+  /** Resolves once the first `need` bytes of the range have arrived. */
+  arrived(need: number): Promise<void> {
+    if (need <= this.received) return Promise.resolve();
+    if (this.failed) return Promise.reject(this.failed);
+    return new Promise((resolve, reject) => this.waiters.push({ need, resolve, reject }));
+  }
+
+  /** Copy `n` arrived bytes from range offset `from` into `dst` at `at`. */
   copyTo(dst: Buffer, at: number, from: number, n: number): void {
     let lo = 0;
     let hi = this.ends.length - 1;
@@ -125,12 +164,6 @@ class Fetched {
       n -= k;
     }
   }
-}
-
-interface Pending {
-  start: number;
-  end: number;
-  promise: Promise<Fetched>;
 }
 
 function parseRetryAfter(value: string | string[] | undefined): number | undefined {
@@ -159,10 +192,11 @@ export class HttpDriver implements BlockDriver {
   private readonly headers: Record<string, string>;
   private bytes = 0;
   private validator: string | null = null;
-  private readonly cache: Fetched[] = [];
-  private cacheBytes = 0;
-  private readonly pending: Pending[] = [];
+  /** Ranges fetched or on their way, oldest first; bounded by cacheBytes. */
+  private ranges: RangeBuffer[] = [];
   private lastEnd = -1;
+  /** Bytes read back to back since the last seek. */
+  private streamBytes = 0;
   private window: number;
   private closed = false;
 
@@ -291,132 +325,175 @@ export class HttpDriver implements BlockDriver {
     }
   }
 
-  /** GET [start, end) with the validator; exactly those bytes, or an error. */
-  private fetchRange(start: number, end: number): Promise<Fetched> {
+  /**
+   * Fill `range` from the server: GETs of what has not arrived yet, retried
+   * within the budget. A retry after a dropped connection asks only for the
+   * rest, so bytes readers already have are never fetched twice.
+   */
+  private async fill(range: RangeBuffer): Promise<void> {
+    try {
+      await this.withRetries(`GET bytes=${range.start}-${range.end - 1}`, () => this.get(range));
+    } catch (err) {
+      range.fail(err as Error);
+      this.ranges = this.ranges.filter((r) => r !== range);
+    }
+  }
+
+  /**
+   * One GET of [start + received, end) with the validator, through undici's
+   * dispatch API: body chunks go straight into the range as they arrive, with
+   * no stream object in between. Resolves when the range is complete.
+   */
+  private get(range: RangeBuffer): Promise<void> {
+    const start = range.start + range.received;
+    const end = range.end;
     const what = `GET bytes=${start}-${end - 1}`;
-    return this.withRetries(what, async () => {
-      const headers: Record<string, string> = { ...this.headers, range: `bytes=${start}-${end - 1}` };
-      if (this.validator) headers['if-range'] = this.validator;
-      const res = await this.dispatcher.request({ origin: this.url.origin, path: this.path, method: 'GET', headers });
-      this.stats.requests++;
-      if (res.statusCode === 206) {
-        const range = /bytes (\d+)-(\d+)\/(\d+|\*)/.exec(header(res.headers, 'content-range') ?? '');
-        if (!range || Number(range[1]) !== start || Number(range[2]) !== end - 1) {
-          await res.body.dump({ limit: 0 }).catch(() => undefined);
-          throw new VdiskError('EIO', `${this.name}: asked for ${what.slice(4)}, got Content-Range '${header(res.headers, 'content-range')}'`);
-        }
-        // If-Range already asks for this; a server that ignores it is caught here.
-        const etag = header(res.headers, 'etag');
-        if (etag && this.validator?.startsWith('"') && etag !== this.validator) {
-          await res.body.dump({ limit: 0 }).catch(() => undefined);
-          throw new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (ETag ${this.validator} is now ${etag})`);
-        }
-        const parts: Buffer[] = [];
-        let got = 0;
-        for await (const chunk of res.body) {
-          const b = chunk as Buffer;
-          got += b.length;
-          if (got > end - start) throw new VdiskError('EIO', `${this.name}: more data than asked for in ${what}`);
-          parts.push(b);
-        }
-        if (got !== end - start) throw Object.assign(new Error(`short body: ${got} of ${end - start} bytes`), { code: 'ERR_SHORT_BODY' });
-        this.stats.bytesFetched += got;
-        return new Fetched(start, parts);
-      }
-      // A 200 to a range request is never the range: with If-Range it means the file changed.
-      await res.body.dump({ limit: 0 }).catch(() => undefined);
-      if (res.statusCode === 200 || res.statusCode === 412) {
-        throw new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (validator ${this.validator ?? 'none'}); refusing to mix old and new data`);
-      }
-      if (res.statusCode >= 500 || res.statusCode === 429) throw new RetryableError(`HTTP ${res.statusCode}`, parseRetryAfter(res.headers['retry-after']));
-      if (res.statusCode === 416) throw new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: ${what} is past the end: the remote image shrank`);
-      throw new VdiskError('ERR_HTTP', `${this.name}: HTTP ${res.statusCode} to ${what}`);
+    const headers: Record<string, string> = { ...this.headers, range: `bytes=${start}-${end - 1}` };
+    if (this.validator) headers['if-range'] = this.validator;
+    this.stats.requests++;
+    return new Promise<void>((resolve, reject) => {
+      let settled = false;
+      const settle = (err?: Error) => {
+        if (settled) return;
+        settled = true;
+        if (err) reject(err);
+        else resolve();
+      };
+      this.dispatcher.dispatch(
+        { origin: this.url.origin, path: this.path, method: 'GET', headers },
+        {
+          // Its presence tells undici this handler speaks the new (controller) API.
+          onRequestStart: () => undefined,
+          onResponseStart: (controller, statusCode, resHeaders) => {
+            const err = this.checkRangeAnswer(statusCode, resHeaders, start, end, what);
+            if (err) {
+              // Never read the body of a wrong answer: a 200 would be the whole image.
+              settle(err);
+              controller.abort(err);
+            }
+          },
+          onResponseData: (controller, chunk) => {
+            if (settled) return;
+            if (range.received + chunk.length > range.length) {
+              const err = new VdiskError('EIO', `${this.name}: more data than asked for in ${what}`);
+              settle(err);
+              controller.abort(err);
+              return;
+            }
+            this.stats.bytesFetched += chunk.length;
+            range.append(chunk);
+          },
+          onResponseEnd: () => {
+            if (range.complete) settle();
+            else settle(Object.assign(new Error(`short body: ${range.received - (start - range.start)} of ${end - start} bytes`), { code: 'ERR_SHORT_BODY' }));
+          },
+          onResponseError: (_controller, err) => settle(err),
+        },
+      );
     });
   }
 
+  /** Why an answer to a range GET cannot be used, or null when it is the range asked for. */
+  private checkRangeAnswer(statusCode: number, h: Record<string, string | string[] | undefined>, start: number, end: number, what: string): Error | null {
+    if (statusCode === 206) {
+      const range = /bytes (\d+)-(\d+)\/(\d+|\*)/.exec(header(h, 'content-range') ?? '');
+      if (!range || Number(range[1]) !== start || Number(range[2]) !== end - 1) {
+        return new VdiskError('EIO', `${this.name}: asked for ${what.slice(4)}, got Content-Range '${header(h, 'content-range')}'`);
+      }
+      // If-Range already asks for this; a server that ignores it is caught here.
+      const etag = header(h, 'etag');
+      if (etag && this.validator?.startsWith('"') && etag !== this.validator) {
+        return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (ETag ${this.validator} is now ${etag})`);
+      }
+      return null;
+    }
+    // A 200 to a range request is never the range: with If-Range it means the file changed.
+    if (statusCode === 200 || statusCode === 412) {
+      return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (validator ${this.validator ?? 'none'}); refusing to mix old and new data`);
+    }
+    if (statusCode >= 500 || statusCode === 429) return new RetryableError(`HTTP ${statusCode}`, parseRetryAfter(h['retry-after']));
+    if (statusCode === 416) return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: ${what} is past the end: the remote image shrank`);
+    return new VdiskError('ERR_HTTP', `${this.name}: HTTP ${statusCode} to ${what}`);
+  }
+
   // -------------------------------------------------------------------------
-  // Reads: cache, coalescing, readahead
+  // Reads: ranges in flight, cache, readahead
 
-  private cached(offset: number, bytes: number): Fetched | undefined {
-    return this.cache.find((c) => c.start <= offset && offset + bytes <= c.start + c.length);
+  private rangeAt(pos: number): RangeBuffer | undefined {
+    return this.ranges.find((r) => r.start <= pos && pos < r.end);
   }
 
-  private remember(chunk: Fetched): void {
-    this.cache.push(chunk);
-    this.cacheBytes += chunk.length;
-    while (this.cacheBytes > this.options.cacheBytes && this.cache.length > 1) this.cacheBytes -= this.cache.shift()!.length;
+  /** Start a fetch of [start, end) and return `end`; later reads find the range at once. */
+  private startRange(start: number, end: number): number {
+    if (trace.enabled) trace('fetch %d-%d (window %d)', start, end - 1, this.window);
+    const range = new RangeBuffer(start, end);
+    this.ranges.push(range);
+    void this.fill(range);
+    // Bounded memory: forget the oldest complete ranges, but not readahead not read yet
+    // (a window as large as the cache would otherwise evict itself and fetch again).
+    // A reader holding a forgotten range keeps it alive until it has copied out.
+    let kept = 0;
+    for (const r of this.ranges) kept += r.length;
+    while (kept > this.options.cacheBytes) {
+      const i = this.ranges.findIndex((r) => r.complete && r.start < this.lastEnd);
+      if (i < 0) break;
+      kept -= this.ranges[i]!.length;
+      this.ranges.splice(i, 1);
+    }
+    return end;
   }
 
-  /** Start (or join) a fetch of [start, end); the result lands in the cache. */
-  private fetch(start: number, end: number): Promise<Fetched> {
-    const existing = this.pending.find((p) => p.start <= start && end <= p.end);
-    if (existing) return existing.promise;
-    const p: Pending = {
-      start,
-      end,
-      promise: this.fetchRange(start, end).then((data) => {
-        this.remember(data);
-        return data;
-      }),
-    };
-    this.pending.push(p);
-    const done = () => {
-      const i = this.pending.indexOf(p);
-      if (i >= 0) this.pending.splice(i, 1);
-    };
-    p.promise.then(done, done);
-    return p.promise;
+  /** Where a new range from `pos` ends: at `want`, the image end, or the next range, whichever is first. */
+  private gapEnd(pos: number, want: number): number {
+    let end = Math.min(want, this.bytes);
+    for (const r of this.ranges) if (r.start > pos && r.start < end) end = r.start;
+    return end;
   }
 
   async preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    const end = offset + bytes;
     const sequential = offset === this.lastEnd;
-    this.lastEnd = offset + bytes;
-    // The window doubles while reads stay sequential and starts over after a seek.
-    this.window = sequential ? Math.min(this.window * 2, this.options.readaheadMaxBytes) : this.options.readaheadMinBytes;
-    let pos = offset;
-    // Copy n bytes of a fetched range into the iov at pos.
-    const copyOut = (data: Fetched, n: number) => {
-      let src = pos - data.start;
-      let left = n;
-      let logical = pos - offset;
-      for (const b of iov) {
-        if (left === 0) break;
-        if (logical >= b.length) {
-          logical -= b.length;
-          continue;
-        }
-        const k = Math.min(b.length - logical, left);
-        data.copyTo(b, logical, src, k);
+    this.lastEnd = end;
+    // The window grows with what the stream has read so far (twice as much, up to the
+    // maximum) and starts over after a seek: sixteen 4 KiB reads in a row are no
+    // reason to fetch megabytes.
+    this.streamBytes = sequential ? this.streamBytes + bytes : bytes;
+    this.window = Math.min(Math.max(2 * this.streamBytes, this.options.readaheadMinBytes), this.options.readaheadMaxBytes);
+    // The ranges holding this read: gaps are fetched now, at least the minimum window each.
+    const mine: RangeBuffer[] = [];
+    for (let pos = offset; pos < end; ) {
+      if (!this.rangeAt(pos)) this.startRange(pos, this.gapEnd(pos, Math.max(end, pos + this.options.readaheadMinBytes)));
+      const range = this.rangeAt(pos)!;
+      mine.push(range);
+      pos = range.end;
+    }
+    // On a sequential stream, keep a window beyond this read on its way, in
+    // pieces that stream side by side while the reader uses what has arrived.
+    if (sequential) {
+      const piece = Math.min(Math.max(this.window / 2, this.options.readaheadMinBytes), READAHEAD_PIECE_BYTES);
+      const limit = Math.min(this.bytes, end + this.window);
+      for (let pos = end; pos < limit; ) pos = this.rangeAt(pos)?.end ?? this.startRange(pos, this.gapEnd(pos, pos + piece));
+    }
+    // Copy out as the bytes arrive.
+    let bufIndex = 0;
+    let skip = 0;
+    for (const range of mine) {
+      const from = Math.max(offset, range.start);
+      const to = Math.min(end, range.end);
+      await range.arrived(to - range.start);
+      let src = from - range.start;
+      for (let left = to - from; left > 0; ) {
+        const b = iov[bufIndex]!;
+        const k = Math.min(b.length - skip, left);
+        range.copyTo(b, skip, src, k);
         src += k;
         left -= k;
-        logical = 0;
+        skip += k;
+        if (skip === b.length) {
+          bufIndex++;
+          skip = 0;
+        }
       }
-      pos += n;
-    };
-    while (pos < offset + bytes) {
-      const want = offset + bytes - pos;
-      const hit = this.cached(pos, 1);
-      if (hit) {
-        copyOut(hit, Math.min(want, hit.start + hit.length - pos));
-        continue;
-      }
-      const inflight = this.pending.find((p) => p.start <= pos && pos < p.end);
-      if (inflight) {
-        const data = await inflight.promise;
-        copyOut(data, Math.min(want, inflight.end - pos));
-        continue;
-      }
-      // Fetch what is asked, stretched to the readahead window, not past an in-flight range or the end.
-      let end = Math.min(this.bytes, pos + Math.max(want, this.window));
-      for (const p of this.pending) if (p.start > pos && p.start < end) end = p.start;
-      const data = await this.fetch(pos, end);
-      copyOut(data, Math.min(want, end - pos));
-    }
-    // Keep the pipe full: on a sequential stream, the next window is fetched while this one is used.
-    if (sequential && this.lastEnd < this.bytes) {
-      const next = this.lastEnd;
-      const covered = this.cached(next, 1) || this.pending.some((p) => p.start <= next && next < p.end);
-      if (!covered) this.fetch(next, Math.min(this.bytes, next + this.window)).catch(() => undefined);
     }
   }
 

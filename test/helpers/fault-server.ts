@@ -1,12 +1,13 @@
 /**
  * A real HTTP server that misbehaves on purpose: drops connections mid-body,
- * answers 503, stalls, changes the ETag, ignores Range, refuses HEAD, redirects,
+ * answers 503, stalls, sends half a body and holds the rest back, changes the
+ * ETag, ignores Range, refuses HEAD, redirects,
  * demands credentials. Faults apply to the first `times` matching requests.
  */
 import http from 'node:http';
 import net from 'node:net';
 
-export type Fault = 'drop-mid-body' | '503' | 'stall' | 'ignore-range' | 'no-head' | 'none';
+export type Fault = 'drop-mid-body' | '503' | 'stall' | 'hold-rest' | 'ignore-range' | 'no-head' | 'none';
 
 export interface FaultServerOptions {
   data: Buffer;
@@ -25,6 +26,10 @@ export class FaultServer {
   etag = '"v1"';
   data: Buffer;
   rangeGets = 0;
+  /** Every range GET answered, in order: [start, end] inclusive. */
+  readonly gets: Array<[number, number]> = [];
+  /** Answers whose second half is held back until release(). */
+  held: Array<() => void> = [];
   bytesSent = 0;
   private faultsLeft: number;
   private readonly sockets = new Set<net.Socket>();
@@ -87,6 +92,7 @@ export class FaultServer {
     const start = Number(m[1]);
     const end = Math.min(Number(m[2]), this.data.length - 1);
     this.rangeGets++;
+    this.gets.push([start, end]);
     const body = this.data.subarray(start, end + 1);
     const faulty = start > 0 || end > 0 ? this.faultsLeft-- > 0 : false; // the 0-0 size probe is never faulted
     if (faulty && fault === '503') {
@@ -95,6 +101,11 @@ export class FaultServer {
     }
     if (faulty && fault === 'stall') return; // never answer: the client's timeout must fire
     res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${end}/${this.data.length}`, 'content-length': body.length });
+    if (faulty && fault === 'hold-rest') {
+      res.write(body.subarray(0, body.length >> 1));
+      this.held.push(() => res.end(body.subarray(body.length >> 1)));
+      return;
+    }
     if (faulty && fault === 'drop-mid-body') {
       res.write(body.subarray(0, body.length >> 1), () => res.socket?.destroy());
       return;
@@ -119,6 +130,13 @@ export class FaultServer {
       if (!res.destroyed) res.end();
     };
     pump();
+  }
+
+  /** Send the rest of every held-back answer. */
+  release(): void {
+    const held = this.held;
+    this.held = [];
+    for (const send of held) send();
   }
 
   async stop(): Promise<void> {

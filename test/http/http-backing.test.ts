@@ -145,6 +145,40 @@ describe('HTTP backing with a misbehaving server', () => {
     });
   });
 
+  it('a retry after a dropped connection asks only for the bytes that had not arrived', async () => {
+    await withServer('drop-mid-body', 2, async (url, srv) => {
+      const { m, mnt } = await overlayOn(url, 'fault-resume', ['--http-timeout', '1', '--http-retries', '4', '--direct-io']);
+      try {
+        // One 128 KiB read: it needs the whole range, so it waits for every retry.
+        const r = await shAsync(`dd if=${mnt} bs=128k skip=40 count=1 iflag=direct status=none | base64 -w0`);
+        expect(Buffer.from(r.stdout, 'base64').equals(data.subarray(5 * MiB, 5 * MiB + 128 * 1024))).toBe(true);
+      } finally {
+        expect(await m.stop()).toBe(0);
+      }
+      // A retry asks for the same end as the cut GET, from further on: bytes that arrived are not asked again.
+      const retries = srv.gets.filter((g, i) => srv.gets.slice(0, i).some((p) => p[1] === g[1]));
+      expect(retries.length, JSON.stringify(srv.gets)).toBeGreaterThanOrEqual(2);
+      for (const [start, end] of retries) {
+        const first = srv.gets.find((p) => p[1] === end)!;
+        expect(start).toBeGreaterThan(first[0]);
+      }
+    });
+  });
+
+  it('a read is answered once its own bytes arrived, while the rest of the range is still on its way', async () => {
+    await withServer('hold-rest', 1, async (url, srv) => {
+      const { m, mnt } = await overlayOn(url, 'fault-hold', ['--direct-io']);
+      try {
+        // The GET covers at least the minimum readahead window (128 KiB); its first half arrives, the rest is held.
+        expect((await read(mnt, 7 * MiB, 4096, true)).equals(data.subarray(7 * MiB, 7 * MiB + 4096))).toBe(true);
+        expect(srv.held.length).toBe(1);
+        srv.release();
+      } finally {
+        expect(await m.stop()).toBe(0);
+      }
+    });
+  });
+
   it('a server that keeps failing gives EIO with a clear message, within the retry budget', async () => {
     await withServer('503', Infinity, async (url) => {
       const { m, mnt } = await overlayOn(url, 'fault-always', ['--http-retries', '2', '--direct-io']);
