@@ -500,6 +500,8 @@ export class HttpDriver implements BlockDriver {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.dispatcher.close().catch(() => undefined);
+    // Every read has been answered by now: what is still on its way is readahead
+    // nobody will use, and a slow server must not hold up the exit.
+    await this.dispatcher.destroy().catch(() => undefined);
   }
 }
