@@ -22,9 +22,9 @@ wait_mounted() {
   return 1
 }
 
-# dd's rate in MB/s; a reader that hangs is stopped after 300 s (and gets 0).
+# dd's rate in MB/s; a reader that hangs is stopped after DD_TIMEOUT seconds (default 300) and gets 0.
 dd_rate() {
-  LC_ALL=C timeout 300 dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
+  LC_ALL=C timeout "${DD_TIMEOUT:-300}" dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
     if (u == "GB/s") r *= 1000; else if (u == "kB/s") r /= 1000; printf "%.0f\n", r }'
 }
 

@@ -13,8 +13,8 @@ need_root() {
 }
 
 # Debian packages: the FUSE library and tools, the native build chain, and the
-# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl).
-packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils fio ca-certificates nginx-light genisoimage curl)
+# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl).
+packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils fio ca-certificates nginx-light genisoimage curl openssl)
 command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do

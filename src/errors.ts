@@ -32,6 +32,7 @@ export const ERROR_TABLE = {
   ERR_FUSE_MOUNT: { errno: E.EIO, message: 'the FUSE mount failed' },
   ERR_HTTP: { errno: E.EIO, message: 'the HTTP server gave an unusable answer' },
   ERR_HTTP_NO_RANGES: { errno: E.EIO, message: 'the HTTP server does not do range requests' },
+  ERR_HTTP_TLS: { errno: E.EIO, message: "the HTTPS server's certificate is not trusted" },
   ERR_REMOTE_CHANGED: { errno: E.EIO, message: 'the remote image changed since it was opened' },
   ERR_NATIVE_ADDON: { errno: E.ENOSYS, message: 'the native addon is not built' },
 } as const;

@@ -299,6 +299,13 @@ export class HttpDriver implements BlockDriver {
     return `${this.url.pathname}${this.url.search}`;
   }
 
+  /** A certificate that does not verify, said plainly with what to do about it; null for other errors. */
+  private explainTls(err: unknown): VdiskError | null {
+    const code = (err as { code?: string }).code ?? '';
+    if (!/CERT|SELF_SIGNED|UNABLE_TO_(GET|VERIFY)|ERR_TLS/.test(code)) return null;
+    return new VdiskError('ERR_HTTP_TLS', `${this.name}: TLS: ${(err as Error).message} (${code}); --ca-file FILE trusts a CA, --insecure skips the check`, { cause: err });
+  }
+
   /** Run `attempt` with bounded retries for retryable failures. */
   private async withRetries<T>(what: string, attempt: () => Promise<T>): Promise<T> {
     const started = Date.now();
@@ -312,7 +319,7 @@ export class HttpDriver implements BlockDriver {
         const retryable =
           err instanceof RetryableError ||
           /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EAI_AGAIN|UND_ERR_SOCKET|UND_ERR_HEADERS_TIMEOUT|UND_ERR_BODY_TIMEOUT|UND_ERR_CONNECT_TIMEOUT|UND_ERR_CLOSED|ERR_SHORT_BODY)$/.test(code);
-        if (!retryable) throw err;
+        if (!retryable) throw this.explainTls(err) ?? err;
         const wait = Math.min(err instanceof RetryableError && err.retryAfterMs !== undefined ? err.retryAfterMs : delay, 10_000);
         if (n >= this.options.retries || Date.now() - started + wait > this.options.retryBudgetMs) {
           throw new VdiskError('EIO', `${this.name}: ${what} failed after ${n + 1} attempts: ${(err as Error).message}`);

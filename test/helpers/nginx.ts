@@ -38,13 +38,17 @@ export class Nginx {
   readonly dir: string;
   private readonly proc: ChildProcess;
 
-  private constructor(port: number, dir: string, proc: ChildProcess) {
+  private readonly tls: boolean;
+
+  private constructor(port: number, dir: string, proc: ChildProcess, tls: boolean) {
+    this.tls = tls;
     this.port = port;
     this.dir = dir;
     this.proc = proc;
   }
 
-  static async start(root: string, workDir: string): Promise<Nginx> {
+  /** With `tls`, nginx speaks HTTPS with that certificate and key (PEM files). */
+  static async start(root: string, workDir: string, tls?: { cert: string; key: string }): Promise<Nginx> {
     const dir = fs.mkdtempSync(path.join(workDir, 'nginx-'));
     const port = await freePort();
     const conf = path.join(dir, 'nginx.conf');
@@ -67,7 +71,8 @@ http {
   keepalive_requests 100000;
   sendfile on;
   server {
-    listen 127.0.0.1:${port};
+    listen 127.0.0.1:${port}${tls ? ' ssl' : ''};
+    ${tls ? `ssl_certificate ${tls.cert}; ssl_certificate_key ${tls.key};` : ''}
     root ${root};
   }
 }
@@ -75,11 +80,11 @@ http {
     );
     const proc = spawn('nginx', ['-c', conf, '-p', dir], { stdio: 'ignore' });
     await waitForPort(port, proc, path.join(dir, 'error.log'));
-    return new Nginx(port, dir, proc);
+    return new Nginx(port, dir, proc, Boolean(tls));
   }
 
   url(file: string): string {
-    return `http://127.0.0.1:${this.port}/${file}`;
+    return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}/${file}`;
   }
 
   /** Body bytes sent so far, from the access log. */
