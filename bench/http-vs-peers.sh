@@ -66,13 +66,17 @@ sync
 echo "bench: ${SIZE_MB} MiB image served by nginx at $url, $RUNS runs"
 
 served() { awk '{ n += $1 } END { printf "%.0f\n", n }' "$work/access.log"; }
-wait_file() { # path pid
+wait_file() { # path pid: until the exported file answers stat with its size
+  local size rc
   for _ in $(seq 400); do
-    [ -s "$1" ] 2>/dev/null && return 0
+    # A peer can hang on its very first request (qemu 7.2's curl driver does): stat in a child that can be killed.
+    rc=0; size=$(timeout -s KILL 20 stat -c %s "$1" 2>/dev/null) || rc=$?
+    [ "$rc" -eq 137 ] && { echo "bench: $1 does not answer" >&2; return 1; }
+    [ "${size:-0}" -gt 0 ] && return 0
     kill -0 "$2" 2>/dev/null || { echo "bench: server died" >&2; return 1; }
     sleep 0.05
   done
-  echo "bench: $1 never appeared" >&2; return 1
+  echo "bench: $1 never answered" >&2; return 1
 }
 file=""
 start_vdisk() { # sets $file, the mounted file to read
@@ -122,9 +126,8 @@ declare -A results
 declare -A hung
 measure() { # name
   local name=$1 b0 b1 b2
-  "start_$name"
   b0=$(served)
-  results[$name,first,$run]=$(dd_rate if="$file" of=/dev/null bs=1M)
+  if "start_$name"; then results[$name,first,$run]=$(dd_rate if="$file" of=/dev/null bs=1M); else results[$name,first,$run]=0; fi
   b1=$(served)
   results[$name,bytes1,$run]=$((b1 - b0))
   if [ "${results[$name,first,$run]}" = 0 ]; then
