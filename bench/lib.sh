@@ -24,7 +24,8 @@ wait_mounted() {
 
 # dd's rate in MB/s; a reader that hangs is stopped after DD_TIMEOUT seconds (default 300) and gets 0.
 dd_rate() {
-  LC_ALL=C timeout "${DD_TIMEOUT:-300}" dd "$@" 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
+  # A timed-out dd is a result (0), not a failure that set -e would turn into an exit.
+  { LC_ALL=C timeout "${DD_TIMEOUT:-300}" dd "$@" 2>&1 || true; } | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { r = $(i+1); u = $(i+2) } } END {
     if (u == "GB/s") r *= 1000; else if (u == "kB/s") r /= 1000; printf "%.0f\n", r }'
 }
 
