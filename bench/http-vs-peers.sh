@@ -2,18 +2,19 @@
 # Side-by-side benchmark of a remote image read with copy-on-read, served by
 # nginx on 127.0.0.1, in one run:
 #   vdisk        qcow2 overlay on the URL, mounted with --copy-on-read
+#   vdisk-dio    the same with --direct-io (no page cache on the mounted file, as qemu's export)
 #   nbdkit       curl plugin + cow filter (cow-on-read=true), exposed by nbdfuse
 #   qemu         qemu-storage-daemon: http backing under a qcow2 overlay, copy-on-read filter, FUSE export
 #   curl         curl -o /dev/null: the ceiling
 # For each: first and second full sequential read (dd bs=1M) in MB/s, and the
 # bytes nginx sent during each pass. Medians of RUNS runs; ratios vs vdisk.
 #
-#   sudo bash bench/http-vs-peers.sh      # RUNS=3 SIZE_MB=1024
+#   sudo bash bench/http-vs-peers.sh      # RUNS=4 SIZE_MB=1024 (each tool goes first once)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/lib.sh
 . "$here/bench/lib.sh"
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-4}
 SIZE_MB=${SIZE_MB:-1024}
 # qemu 7.2's curl driver sometimes stops answering (then its dd makes no progress): give up after this long.
 DD_TIMEOUT=${DD_TIMEOUT:-120}
@@ -80,14 +81,17 @@ wait_file() { # path pid: until the exported file answers stat with its size
   echo "bench: $1 never answered" >&2; return 1
 }
 file=""
-start_vdisk() { # sets $file, the mounted file to read
+start_vdisk() { # [mount options]; sets $file, the mounted file to read
   rm -f "$work/v.qcow2"; vdisk create -f qcow2 -b "$url" -F raw "$work/v.qcow2" >/dev/null
   touch "$work/mnt-vdisk"
-  node "$here/dist/cli/main.js" mount --copy-on-read "$work/v.qcow2" "$work/mnt-vdisk" 2>>"$work/vdisk.log" &
+  node "$here/dist/cli/main.js" mount --copy-on-read "$@" "$work/v.qcow2" "$work/mnt-vdisk" 2>>"$work/vdisk.log" &
   server=$!
   file="$work/mnt-vdisk"
   wait_file "$file" "$server"
 }
+# The same without the kernel page cache on the mounted file (as qemu's FUSE export serves):
+# the first pass costs one copy less, the second is served by vdisk from the overlay.
+start_vdisk-dio() { start_vdisk --direct-io; }
 start_nbdkit() {
   mkdir -p "$work/mnt-nbd"
   nbdfuse "$work/mnt-nbd/disk" --command nbdkit -s curl url="$url" --filter=cow cow-on-read=true >>"$work/nbd.log" 2>&1 &
@@ -154,8 +158,8 @@ for run in $(seq "$RUNS"); do
   results[curl,bytes1,$run]=$(( $(served) - b0 ))
   echo "bench: curl run $run: ${results[curl,first,$run]} MB/s"
   # Each run starts with a different tool: the first reads after the image is written are slower, whoever does them.
-  tools=(vdisk nbdkit qemu)
-  k=$(( (run - 1) % 3 ))
+  tools=(vdisk nbdkit qemu vdisk-dio)
+  k=$(( (run - 1) % ${#tools[@]} ))
   order=("${tools[@]:k}" "${tools[@]:0:k}")
   for name in "${order[@]}"; do measure "$name"; done
 done
@@ -166,13 +170,13 @@ size=$((SIZE_MB * 1024 * 1024))
 printf '\n%-10s %14s %14s %16s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st"
 cv=$(col curl first)
 vf=$(col vdisk first)
-for name in vdisk nbdkit qemu curl; do
+for name in vdisk vdisk-dio nbdkit qemu curl; do
   f=$(col "$name" first); s=$(col "$name" second); b=$(col "$name" bytes1)
   [ "$name" = curl ] && s=-
   printf '%-10s %14s %14s %16s %14s %14s\n' "$name" "$f" "$s" "$(awk -v a="$b" -v b="$size" 'BEGIN { printf "%.3f", a / b }')" \
     "$(awk -v a="$vf" -v b="$f" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" "$(awk -v a="$f" -v b="$cv" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
-for name in vdisk nbdkit qemu; do
+for name in vdisk vdisk-dio nbdkit qemu; do
   [ -n "${hung[$name]:-}" ] && echo "$name: ${hung[$name]} of $RUNS runs hung and are left out of its medians"
 done
 exit 0
