@@ -557,8 +557,30 @@ static napi_value js_reply_err(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* replyRead(req, buffers[]): the kernel copies straight out of the JS buffers. */
 #define MAX_REPLY_IOV 256
+
+/* An array of Buffers as an iovec (at most MAX_REPLY_IOV); -1 with an exception pending if it is not one. */
+static int get_iovec(napi_env env, napi_value array, struct iovec *iov, uint32_t *count) {
+  if (napi_get_array_length(env, array, count) != napi_ok) {
+    throw_last_error(env);
+    return -1;
+  }
+  if (*count > MAX_REPLY_IOV) {
+    napi_throw_range_error(env, "ERR_VDISK_ARG", "too many buffers in one request");
+    return -1;
+  }
+  for (uint32_t i = 0; i < *count; i++) {
+    napi_value b;
+    if (napi_get_element(env, array, i, &b) != napi_ok ||
+        napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len) != napi_ok) {
+      throw_last_error(env);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* replyRead(req, buffers[]): the kernel copies straight out of the JS buffers. */
 static napi_value js_reply_read(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -567,20 +589,9 @@ static napi_value js_reply_read(napi_env env, napi_callback_info info) {
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
-  if (n > MAX_REPLY_IOV) {
+  if (get_iovec(env, argv[1], iov, &n) < 0) {
     fuse_reply_err(req, EIO);
-    napi_throw_range_error(env, "ERR_VDISK_ARG", "too many buffers in one read reply");
     return NULL;
-  }
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value b;
-    NAPI_CALL(env, napi_get_element(env, argv[1], i, &b));
-    if (napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len) != napi_ok) {
-      fuse_reply_err(req, EIO);
-      throw_last_error(env);
-      return NULL;
-    }
   }
   fuse_reply_iov(req, iov, (int)n);
   return NULL;
@@ -628,24 +639,18 @@ static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
   read_reply *r;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
-  if (n > MAX_REPLY_IOV || !(r = calloc(1, sizeof *r))) {
+  if (!(r = calloc(1, sizeof *r))) {
     fuse_reply_err(req, EIO);
-    napi_throw_range_error(env, "ERR_VDISK_ARG", "cannot answer this read asynchronously");
+    napi_throw_error(env, "ENOMEM", "out of memory answering a read");
+    return NULL;
+  }
+  if (get_iovec(env, argv[1], r->iov, &n) < 0) {
+    free(r);
+    fuse_reply_err(req, EIO);
     return NULL;
   }
   r->req = req;
   r->count = (int)n;
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value b;
-    if (napi_get_element(env, argv[1], i, &b) != napi_ok ||
-        napi_get_buffer_info(env, b, &r->iov[i].iov_base, &r->iov[i].iov_len) != napi_ok) {
-      free(r);
-      fuse_reply_err(req, EIO);
-      throw_last_error(env);
-      return NULL;
-    }
-  }
   if (napi_create_reference(env, argv[1], 1, &r->buffers) != napi_ok) {
     free(r);
     fuse_reply_err(req, EIO);
@@ -658,6 +663,7 @@ static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
       napi_queue_async_work(env, r->work) != napi_ok) {
     /* Not queued: answer here instead, so the request is never left unanswered. */
     fuse_reply_iov(req, r->iov, r->count);
+    if (r->work) napi_delete_async_work(env, r->work);
     napi_delete_reference(env, r->buffers);
     free(r);
     throw_last_error(env);
@@ -920,16 +926,11 @@ static napi_value js_preadv_nowait(napi_env env, napi_callback_info info) {
   ssize_t res;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
-  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
-  if (get_int64(env, argv[2], &offset) < 0 || n > MAX_REPLY_IOV) {
+  if (get_int64(env, argv[2], &offset) < 0) {
     napi_throw_type_error(env, "ERR_VDISK_ARG", "preadvNoWait(fd, buffers, offset)");
     return NULL;
   }
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value b;
-    NAPI_CALL(env, napi_get_element(env, argv[1], i, &b));
-    NAPI_CALL(env, napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len));
-  }
+  if (get_iovec(env, argv[1], iov, &n) < 0) return NULL;
   do res = preadv2(fd, iov, (int)n, (off_t)offset, RWF_NOWAIT);
   while (res < 0 && errno == EINTR);
   NAPI_CALL(env, napi_create_double(env, res < 0 ? -(double)errno : (double)res, &result));
