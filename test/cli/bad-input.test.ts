@@ -1,20 +1,13 @@
 /** Bad input gets one line with a code and a non-zero exit, never a stack trace or a hang. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot } from '../helpers/env.js';
-import { Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { Mount, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({}, (d) => (dir = d));
 
 function expectOneLineError(r: { status: number | null; stderr: string }, code: string): void {
   expect(r.status).not.toBe(0);

@@ -1,21 +1,13 @@
 /** vdisk create -f qcow2 against qemu-img info/check; option errors; bitmaps on first write. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 interface QemuInfo {
   'virtual-size': number;

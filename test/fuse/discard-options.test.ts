@@ -1,20 +1,13 @@
 /** --discard and --detect-zeroes through a real mount: what reaches the image file. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh } from '../helpers/vdisk.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({}, (d) => (dir = d));
 
 function filledImage(name: string): string {
   const image = path.join(dir, name);

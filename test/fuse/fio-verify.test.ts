@@ -1,21 +1,13 @@
 /** fio with crc32c verification, several jobs at once, through the page cache and with O_DIRECT. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh } from '../helpers/vdisk.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('fio', 'fio');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { fio: 'fio' } }, (d) => (dir = d));
 
 describe('fio verify through the mount', () => {
   it.each([

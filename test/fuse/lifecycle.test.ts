@@ -2,9 +2,9 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot } from '../helpers/env.js';
-import { MiB, Mount, isMounted, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, isMounted, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
 
@@ -15,10 +15,7 @@ function makeImage(name: string, size = 16 * MiB): string {
   return file;
 }
 
-beforeAll(() => {
-  requireFuseRoot();
-  dir = tmpdir();
-});
+useScratchDir({}, (d) => (dir = d));
 
 afterAll(() => {
   if (dir) {
@@ -26,7 +23,6 @@ afterAll(() => {
       const p = path.join(dir, f);
       if (isMounted(p)) sh(`umount -l ${p}`);
     }
-    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 

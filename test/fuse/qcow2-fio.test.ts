@@ -1,22 +1,12 @@
 /** Many writes in flight on qcow2: fio with crc32c verification, several jobs, QD16, then qemu-img check. */
-import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('fio', 'fio');
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { fio: 'fio', 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 describe('fio on qcow2', () => {
   it.each([

@@ -1,23 +1,15 @@
 /** A qcow2 overlay on a backing file with data, through the mount: zero, punch, seek, space. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { describe, expect, it } from 'vitest';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { native, SEEK_DATA, SEEK_HOLE } from '../../src/native.js';
 
 let dir: string;
 const SIZE = 64 * MiB;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 /** A raw base full of 0xbb except a hole at [16M, 18M). */
 function makeBase(): string {

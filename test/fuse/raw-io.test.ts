@@ -2,8 +2,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot } from '../helpers/env.js';
-import { MiB, Mount, randomFile, sh, tmpdir } from '../helpers/vdisk.js';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, randomFile, sh } from '../helpers/vdisk.js';
 import { native, SEEK_DATA, SEEK_HOLE } from '../../src/native.js';
 
 const SIZE = 64 * MiB;
@@ -50,9 +50,9 @@ async function seek(file: string, offset: number, whence: number): Promise<numbe
   }
 }
 
+useScratchDir({}, (d) => (dir = d));
+
 beforeAll(async () => {
-  requireFuseRoot();
-  dir = tmpdir();
   image = path.join(dir, 'disk.img');
   mnt = path.join(dir, 'disk');
   fs.writeFileSync(image, '');
@@ -62,7 +62,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   if (mount) expect(await mount.stop()).toBe(0);
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
 describe('raw image through a FUSE mount', () => {

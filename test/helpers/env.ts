@@ -4,6 +4,8 @@
  */
 import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import { afterAll, beforeAll } from 'vitest';
+import { tmpdir } from './vdisk.js';
 
 export function requireFuseRoot(): void {
   if (process.getuid?.() !== 0) throw new Error('FUSE tests mount filesystems and set readahead: run them as root (sudo npm test)');
@@ -24,4 +26,29 @@ export function requireTool(tool: string, debianPackage: string): void {
   } catch {
     throw new Error(`${tool} is missing: apt-get install ${debianPackage} (scripts/setup.sh does)`);
   }
+}
+
+export interface ScratchOptions {
+  /** Mounts: root and /dev/fuse (the default). */
+  fuse?: boolean;
+  /** Commands the tests run, with the Debian package that has each. */
+  tools?: Record<string, string>;
+}
+
+/**
+ * The set-up most test files share: check the machine before the tests, make
+ * a scratch directory for them (handed to `ready`) and remove it after them.
+ * Hooks a file adds later run after this one, and their afterAll before its.
+ */
+export function useScratchDir(options: ScratchOptions, ready: (dir: string) => void): void {
+  let dir: string | undefined;
+  beforeAll(() => {
+    if (options.fuse !== false) requireFuseRoot();
+    for (const [tool, pkg] of Object.entries(options.tools ?? {})) requireTool(tool, pkg);
+    dir = tmpdir();
+    ready(dir);
+  });
+  afterAll(() => {
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
 }

@@ -17,6 +17,14 @@ export function rng(seed: number): () => number {
   };
 }
 
+/** `bytes` of reproducible pseudo-random data (a multiple of 4). */
+export function seededData(bytes: number, seed: number): Buffer {
+  const data = Buffer.alloc(bytes);
+  const rand = rng(seed);
+  for (let i = 0; i < bytes; i += 4) data.writeUInt32LE((rand() * 2 ** 32) >>> 0, i);
+  return data;
+}
+
 export interface WorkloadOptions {
   seed: number;
   size: number;

@@ -6,36 +6,27 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { BlockNode } from '../../src/block/node.js';
 import { openImage } from '../../src/block/open.js';
 import { BlkdebugDriver } from '../../src/drivers/blkdebug.js';
 import { FileDriver } from '../../src/drivers/file.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
-import { requireTool } from '../helpers/env.js';
-import { MiB, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
-import { rng } from '../helpers/workload.js';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, sh, vdisk } from '../helpers/vdisk.js';
+import { rng, seededData } from '../helpers/workload.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ fuse: false, tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 const SIZE = 8 * MiB;
 
 /** A qcow2 overlay on a raw base, whose backing reads are slowed down by blkdebug. */
 async function overlay(name: string, opts: string): Promise<{ top: BlockNode; base: Buffer; image: string }> {
   const baseFile = path.join(dir, `${name}.base`);
-  const base = Buffer.alloc(SIZE);
-  const rand = rng(name.length);
-  for (let i = 0; i < SIZE; i += 4) base.writeUInt32LE((rand() * 2 ** 32) >>> 0, i);
+  const base = seededData(SIZE, name.length);
   fs.writeFileSync(baseFile, base);
   const image = path.join(dir, `${name}.qcow2`);
   expect(vdisk(['create', '-f', 'qcow2', '-o', opts, '-b', baseFile, '-F', 'raw', image]).status).toBe(0);

@@ -6,25 +6,21 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
+import { useScratchDir } from '../helpers/env.js';
 import { FaultServer, type Fault } from '../helpers/fault-server.js';
 import { Nginx } from '../helpers/nginx.js';
-import { MiB, Mount, sh, shAsync, tmpdir, vdisk, vdiskAsync } from '../helpers/vdisk.js';
-import { rng } from '../helpers/workload.js';
+import { MiB, Mount, sh, shAsync, vdisk, vdiskAsync } from '../helpers/vdisk.js';
+import { seededData } from '../helpers/workload.js';
 
 let dir: string;
 let nginx: Nginx;
 const SIZE = 16 * MiB;
 let data: Buffer;
 
+useScratchDir({ tools: { nginx: 'nginx-light', 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
+
 beforeAll(async () => {
-  requireFuseRoot();
-  requireTool('nginx', 'nginx-light');
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-  data = Buffer.alloc(SIZE);
-  const rand = rng(42);
-  for (let i = 0; i < SIZE; i += 4) data.writeUInt32LE((rand() * 2 ** 32) >>> 0, i);
+  data = seededData(SIZE, 42);
   data.fill(0, 4 * MiB, 6 * MiB); // a zero stretch: copy-on-read makes zero clusters of it
   fs.mkdirSync(path.join(dir, 'www'));
   fs.writeFileSync(path.join(dir, 'www', 'disk.raw'), data);
@@ -33,7 +29,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await nginx?.stop();
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
 async function read(file: string, offset: number, bytes: number, direct = false): Promise<Buffer> {

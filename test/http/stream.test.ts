@@ -3,8 +3,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
+import { CLI, MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
+import { useScratchDir } from '../helpers/env.js';
 import { Nginx } from '../helpers/nginx.js';
 
 let dir: string;
@@ -12,11 +12,9 @@ let nginx: Nginx;
 let remote: string;
 const SIZE = 96 * MiB;
 
+useScratchDir({ tools: { nginx: 'nginx-light', 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
+
 beforeAll(async () => {
-  requireFuseRoot();
-  requireTool('nginx', 'nginx-light');
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
   fs.mkdirSync(path.join(dir, 'www'));
   remote = path.join(dir, 'www', 'disk.raw');
   expect(sh(`head -c ${64 * MiB} /dev/urandom > ${remote} && truncate -s ${SIZE} ${remote}`).status).toBe(0);
@@ -25,7 +23,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await nginx?.stop();
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
 function create(name: string): string {

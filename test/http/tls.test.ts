@@ -6,10 +6,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
+import { useScratchDir } from '../helpers/env.js';
 import { Nginx } from '../helpers/nginx.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
-import { rng } from '../helpers/workload.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
+import { seededData } from '../helpers/workload.js';
 
 let dir: string;
 let nginx: Nginx;
@@ -30,11 +30,9 @@ function makeCa(name: string): string {
   return pem;
 }
 
+useScratchDir({ tools: { nginx: 'nginx-light', openssl: 'openssl' } }, (d) => (dir = d));
+
 beforeAll(async () => {
-  requireFuseRoot();
-  requireTool('nginx', 'nginx-light');
-  requireTool('openssl', 'openssl');
-  dir = tmpdir();
   caFile = makeCa('ca');
   otherCa = makeCa('other-ca');
   const key = path.join(dir, 'server.key');
@@ -42,9 +40,7 @@ beforeAll(async () => {
   fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1\n');
   run(`openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${dir}/server.csr -subj '/CN=127.0.0.1' 2>&1`);
   run(`openssl x509 -req -in ${dir}/server.csr -CA ${caFile} -CAkey ${dir}/ca.key -CAcreateserial -out ${cert} -days 2 -extfile ${dir}/san.ext 2>&1`);
-  data = Buffer.alloc(4 * MiB);
-  const rand = rng(7);
-  for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((rand() * 2 ** 32) >>> 0, i);
+  data = seededData(4 * MiB, 7);
   fs.mkdirSync(path.join(dir, 'www'));
   fs.writeFileSync(path.join(dir, 'www', 'disk.raw'), data);
   nginx = await Nginx.start(path.join(dir, 'www'), dir, { cert, key });
@@ -52,7 +48,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await nginx?.stop();
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
 describe('HTTPS backing', () => {

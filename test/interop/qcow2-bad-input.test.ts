@@ -5,26 +5,19 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { openImage } from '../../src/block/open.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { checkImage } from '../../src/drivers/qcow2/check.js';
 import { VdiskError } from '../../src/errors.js';
-import { requireTool } from '../helpers/env.js';
-import { sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { useScratchDir } from '../helpers/env.js';
+import { sh, vdisk } from '../helpers/vdisk.js';
 import { rng } from '../helpers/workload.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ fuse: false, tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 function ok(cmd: string): void {
   const r = sh(cmd);

@@ -1,25 +1,17 @@
 /** qcow2 features against images made by qemu: chains, compression, snapshots, header bits. */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { openImage } from '../../src/block/open.js';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { runWorkload } from '../helpers/workload.js';
 
 let dir: string;
 const SIZE = 16 * MiB;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('qemu-img', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
 function ok(cmd: string): string {
   const r = sh(cmd);

@@ -4,25 +4,16 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { openImage } from '../../src/block/open.js';
-import { requireFuseRoot, requireTool } from '../helpers/env.js';
-import { MiB, Mount, sh, tmpdir, vdisk } from '../helpers/vdisk.js';
+import { useScratchDir } from '../helpers/env.js';
+import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { rng, runWorkload } from '../helpers/workload.js';
 
 let dir: string;
 
-beforeAll(() => {
-  requireFuseRoot();
-  requireTool('qemu-img', 'qemu-utils');
-  requireTool('qemu-io', 'qemu-utils');
-  dir = tmpdir();
-});
-
-afterAll(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-});
+useScratchDir({ tools: { 'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils' } }, (d) => (dir = d));
 
 const SIZE = 32 * MiB;
 
