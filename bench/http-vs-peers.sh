@@ -14,6 +14,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/lib.sh
 . "$here/bench/lib.sh"
+# shellcheck source=scripts/lib/serve.sh
+. "$here/scripts/lib/serve.sh"
 RUNS=${RUNS:-4}
 SIZE_MB=${SIZE_MB:-1024}
 # qemu 7.2's curl driver sometimes stops answering (then its dd makes no progress): give up after this long.
@@ -28,46 +30,26 @@ vdisk() { node "$here/dist/cli/main.js" "$@"; }
 
 work="$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)"
 server=""
-nginx_pid=""
 cleanup() {
   # A peer stuck on a request may not exit on a signal: it gets killed.
   [ -n "$server" ] && { kill -KILL "$server" 2>/dev/null; wait "$server" 2>/dev/null; } || true
   for m in "$work"/mnt-*; do grep -q " $m " /proc/mounts && umount -l "$m"; done 2>/dev/null || true
-  [ -n "$nginx_pid" ] && kill -QUIT "$nginx_pid" 2>/dev/null && wait "$nginx_pid" 2>/dev/null || true
+  nginx_stop
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 mkdir -p "$work/www"
 head -c "$((SIZE_MB * 1024 * 1024))" /dev/urandom > "$work/www/disk.raw"
-port=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
-cat > "$work/nginx.conf" <<CONF
-user root;
-worker_processes 2;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 256; }
-http {
-  log_format body '\$body_bytes_sent';
-  access_log $work/access.log body;
-  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
-  keepalive_requests 1000000;
-  sendfile on;
-  server { listen 127.0.0.1:$port; root $work/www; }
-}
-CONF
-nginx -c "$work/nginx.conf" -p "$work" &
-nginx_pid=$!
-url="http://127.0.0.1:$port/disk.raw"
-curl -sfI --retry 50 --retry-connrefused --retry-delay 0 "$url" >/dev/null
+nginx_start "$work/www" "$work" 2
+url="http://127.0.0.1:$nginx_port/disk.raw"
 cat "$work/www/disk.raw" >/dev/null
 # Reads right after a large write run slower on this kind of VM while writeback goes on:
 # every measurement starts with nothing dirty (the image here, each overlay after its run).
 sync
 echo "bench: ${SIZE_MB} MiB image served by nginx at $url, $RUNS runs"
 
-served() { awk '{ n += $1 } END { printf "%.0f\n", n }' "$work/access.log"; }
+served() { nginx_bytes_served "$work"; }
 wait_file() { # path pid: until the exported file answers stat with its size
   local size rc
   for _ in $(seq 400); do

@@ -5,6 +5,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 vdisk() { node "$here/dist/cli/main.js" "$@"; }
+# shellcheck source=scripts/lib/serve.sh
+. "$here/scripts/lib/serve.sh"
 work="$(mktemp -d /var/tmp/vdisk-demo.XXXXXX)"
 server=""
 cleanup() {
@@ -22,10 +24,7 @@ step "mount it on an empty regular file"
 touch "$work/disk"
 node "$here/dist/cli/main.js" mount "$work/disk.img" "$work/disk" --stats 2> "$work/vdisk.log" &
 server=$!
-until grep -q 'vdisk: serving' "$work/vdisk.log"; do
-  kill -0 "$server" 2>/dev/null || { cat "$work/vdisk.log"; exit 1; }
-  sleep 0.1
-done
+wait_serving "$work/vdisk.log" "$server"
 cat "$work/vdisk.log"
 ls -l "$work/disk"
 
