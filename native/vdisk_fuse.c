@@ -510,16 +510,24 @@ fail_cleanup:
   return NULL;
 }
 
+/* The session handle a call's first argument carries; NULL with an exception pending if it is not one. */
+static vd_session *session_arg(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *p = NULL;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok ||
+      napi_get_value_external(env, argv[0], &p) != napi_ok || p == NULL) {
+    throw_last_error(env);
+    return NULL;
+  }
+  return p;
+}
+
 /* stop(session): take no new requests; those already handed to JS can still be
  * answered. Requests left in the kernel's queue fail once the session closes. */
 static napi_value js_stop(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  void *p;
-  vd_session *s;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
-  s = p;
+  vd_session *s = session_arg(env, info);
+  if (!s) return NULL;
   if (s->polling && !s->closing) uv_poll_stop(&s->poll);
   s->polling = 0;
   return NULL;
@@ -528,14 +536,8 @@ static napi_value js_stop(napi_env env, napi_callback_info info) {
 /* close(session): stop serving and release everything. Aborts the connection if
  * the mount is still there: callers drain and detach first for a clean stop. */
 static napi_value js_close(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  void *p;
-  vd_session *s;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  NAPI_CALL(env, napi_get_value_external(env, argv[0], &p));
-  s = p;
-  if (s->closing) return NULL;
+  vd_session *s = session_arg(env, info);
+  if (!s || s->closing) return NULL;
   s->closing = 1;
   if (s->polling) uv_poll_stop(&s->poll);
   s->polling = 0;
