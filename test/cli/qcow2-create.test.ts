@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
+import { expectQemuClean } from '../helpers/image.js';
 import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
@@ -21,12 +22,6 @@ function qemuInfo(image: string): QemuInfo {
   return JSON.parse(sh(`qemu-img info --output=json ${image}`).stdout) as QemuInfo;
 }
 
-function checkClean(image: string): void {
-  const r = sh(`qemu-img check --output=json ${image}`);
-  const j = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number };
-  expect([j.corruptions ?? 0, j.leaks ?? 0], r.stdout).toEqual([0, 0]);
-}
-
 describe('vdisk create -f qcow2', () => {
   it.each([
     ['compat=1.1,cluster_size=64k', { compat: '1.1', 'refcount-bits': 16, 'extended-l2': false }, 65536],
@@ -42,7 +37,7 @@ describe('vdisk create -f qcow2', () => {
     expect(info['virtual-size']).toBe(3 * 1024 * MiB);
     expect(info['cluster-size']).toBe(clusterSize);
     expect(info['format-specific'].data).toMatchObject(expected);
-    checkClean(image);
+    expectQemuClean(image);
   });
 
   it('records the backing file and its format, and takes the size from it', () => {
@@ -53,7 +48,7 @@ describe('vdisk create -f qcow2', () => {
     expect(vdisk(['create', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', image]).status).toBe(0);
     const info = qemuInfo(image);
     expect(info).toMatchObject({ 'virtual-size': 5 * MiB, 'backing-filename': 'base.raw', 'backing-filename-format': 'raw' });
-    checkClean(image);
+    expectQemuClean(image);
     const ours = JSON.parse(vdisk(['info', '--output', 'json', image]).stdout) as Record<string, unknown>;
     expect(ours).toMatchObject({ format: 'qcow2', 'virtual-size': 5 * MiB, 'backing-filename': 'base.raw', 'backing-filename-format': 'raw' });
   });
@@ -61,7 +56,7 @@ describe('vdisk create -f qcow2', () => {
   it('preallocation=metadata maps every cluster and stays sparse', () => {
     const image = path.join(dir, 'prealloc.qcow2');
     expect(vdisk(['create', '-f', 'qcow2', '-o', 'preallocation=metadata,cluster_size=64k', image, '64M']).status).toBe(0);
-    checkClean(image);
+    expectQemuClean(image);
     const map = JSON.parse(sh(`qemu-img map --output=json ${image}`).stdout) as Array<{ present: boolean; length: number }>;
     expect(map.every((e) => e.present)).toBe(true);
     expect(fs.statSync(image).blocks * 512).toBeLessThan(2 * MiB);

@@ -2,6 +2,7 @@
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
+import { expectQemuClean } from '../helpers/image.js';
 import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 
 let dir: string;
@@ -38,8 +39,7 @@ describe('fio on qcow2', () => {
     } finally {
       expect(await m.stop()).toBe(0);
     }
-    const check = JSON.parse(sh(`qemu-img check --output=json ${image}`).stdout) as { corruptions?: number; leaks?: number };
-    expect([check.corruptions ?? 0, check.leaks ?? 0]).toEqual([0, 0]);
+    expectQemuClean(image);
     // What fio verified through the mount is what qemu reads from the image.
     const again = sh(
       `qemu-img convert -O raw ${image} ${image}.raw && fio --name=v --filename=${image}.raw --rw=randwrite --bsrange=4k-128k --size=15M --offset=1000k ` +

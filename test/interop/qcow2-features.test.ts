@@ -2,9 +2,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import * as io from '../../src/block/io.js';
-import { openImage } from '../../src/block/open.js';
 import { useScratchDir } from '../helpers/env.js';
+import { expectQemuClean, readImage } from '../helpers/image.js';
 import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { runWorkload } from '../helpers/workload.js';
 
@@ -17,22 +16,6 @@ function ok(cmd: string): string {
   const r = sh(cmd);
   expect(r.status, `${cmd}\n${r.stderr}`).toBe(0);
   return r.stdout;
-}
-
-async function readAll(image: string, options: Parameters<typeof openImage>[1] = {}): Promise<Buffer> {
-  const node = await openImage(image, { readOnly: true, ...options });
-  try {
-    const buf = Buffer.alloc(node.size());
-    await io.preadv(node, 0, buf.length, [buf]);
-    return buf;
-  } finally {
-    await node.close();
-  }
-}
-
-function clean(image: string): void {
-  const r = JSON.parse(sh(`qemu-img check --output=json ${image}`).stdout) as { corruptions?: number; leaks?: number };
-  expect({ corruptions: r.corruptions ?? 0, leaks: r.leaks ?? 0 }).toEqual({ corruptions: 0, leaks: 0 });
 }
 
 describe('qcow2 features', () => {
@@ -49,7 +32,7 @@ describe('qcow2 features', () => {
     expect(r.status, r.stderr).toBe(0);
     const model = path.join(dir, 'chain.model.raw');
     ok(`qemu-img convert -O raw ${dir}/c2.qcow2 ${model}`);
-    expect((await readAll(top)).equals(fs.readFileSync(model))).toBe(true);
+    expect((await readImage(top)).equals(fs.readFileSync(model))).toBe(true);
     const info = JSON.parse(vdisk(['info', '--backing-chain', '--output', 'json', top]).stdout) as Array<{ format: string }>;
     expect(info.map((i) => i.format)).toEqual(['qcow2', 'qcow2', 'qcow2', 'raw']);
     const m = await Mount.start(top, `${top}.mnt`);
@@ -58,7 +41,7 @@ describe('qcow2 features', () => {
     } finally {
       expect(await m.stop()).toBe(0);
     }
-    clean(top);
+    expectQemuClean(top);
     ok(`qemu-img compare -f qcow2 -F raw ${top} ${model}`);
     // vdisk map names the image of the chain that holds each range, like qemu-img map.
     const ours = JSON.parse(vdisk(['map', '--output', 'json', top]).stdout) as Array<{ start: number; depth: number }>;
@@ -76,7 +59,7 @@ describe('qcow2 features', () => {
     for (const [cs, type] of [['64k', 'zlib'], ['4k', 'zlib'], ['64k', 'zstd']] as const) {
       const image = path.join(dir, `comp-${cs}-${type}.qcow2`);
       ok(`qemu-img convert -c -O qcow2 -o cluster_size=${cs},compression_type=${type} ${src} ${image}`);
-      expect((await readAll(image)).equals(data)).toBe(true);
+      expect((await readImage(image)).equals(data)).toBe(true);
       const model = path.join(dir, `comp-${cs}-${type}.model`);
       fs.copyFileSync(src, model);
       const m = await Mount.start(image, `${image}.mnt`);
@@ -85,7 +68,7 @@ describe('qcow2 features', () => {
       } finally {
         expect(await m.stop()).toBe(0);
       }
-      clean(image);
+      expectQemuClean(image);
       ok(`qemu-img compare -f qcow2 -F raw ${image} ${model}`);
     }
   });
@@ -105,7 +88,7 @@ describe('qcow2 features', () => {
     } finally {
       expect(await m.stop()).toBe(0);
     }
-    clean(image);
+    expectQemuClean(image);
     ok(`qemu-img compare -f qcow2 -F raw ${image} ${model}`);
     const snap = path.join(dir, 'snap.s1.raw');
     ok(`qemu-img convert -l snapshot.name=s1 -O raw ${image} ${snap}`);
@@ -128,7 +111,7 @@ describe('qcow2 features', () => {
     expect(refused.status).toBe(1);
     expect(refused.stderr).toMatch(/^vdisk: error ERR_IMAGE_FORMAT: .*probes as raw.*-F raw/);
     expect(vdisk(['info', '-F', 'raw', noFmt]).status).toBe(0);
-    expect((await readAll(noFmt, { backingFormat: 'raw' })).equals(fs.readFileSync(base))).toBe(true);
+    expect((await readImage(noFmt, { backingFormat: 'raw' })).equals(fs.readFileSync(base))).toBe(true);
 
     const a = path.join(dir, 'loop-a.qcow2');
     const b = path.join(dir, 'loop-b.qcow2');
@@ -168,7 +151,7 @@ describe('qcow2 features', () => {
     expect(after.readBigUInt64BE(72) & 1n).toBe(0n);
     expect(after.indexOf(Buffer.from('7e57ab1e', 'hex'))).toBeGreaterThan(0);
     expect(after.includes(Buffer.from('hello'))).toBe(true);
-    clean(image);
+    expectQemuClean(image);
   });
 
   it('the corrupt bit opens read-only with a clear message', async () => {

@@ -5,9 +5,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import * as io from '../../src/block/io.js';
-import { openImage } from '../../src/block/open.js';
 import { useScratchDir } from '../helpers/env.js';
+import { qemuImgCheck, readImage } from '../helpers/image.js';
 import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { rng, runWorkload } from '../helpers/workload.js';
 
@@ -40,23 +39,6 @@ function makeBase(name: string, seed: number): string {
   return base;
 }
 
-async function readAll(image: string): Promise<Buffer> {
-  const node = await openImage(image, { readOnly: true });
-  try {
-    const buf = Buffer.alloc(node.size());
-    await io.preadv(node, 0, buf.length, [buf]);
-    return buf;
-  } finally {
-    await node.close();
-  }
-}
-
-function qemuCheck(image: string): { corruptions: number; leaks: number; 'check-errors': number } {
-  const r = sh(`qemu-img check --output=json ${image}`);
-  const json = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number; 'check-errors': number };
-  return { corruptions: json.corruptions ?? 0, leaks: json.leaks ?? 0, 'check-errors': json['check-errors'] };
-}
-
 describe('qemu writes, vdisk reads', () => {
   it.each(MATRIX)('$name: byte-identical to qemu-img convert -O raw', async ({ name, opts, backing }) => {
     const slug = name.replace(/\W+/g, '-');
@@ -79,7 +61,7 @@ describe('qemu writes, vdisk reads', () => {
     expect(w.status, w.stderr).toBe(0);
     const raw = path.join(dir, `${slug}.qemu.raw`);
     expect(sh(`qemu-img convert -O raw ${image} ${raw}`).status).toBe(0);
-    const ours = await readAll(image);
+    const ours = await readImage(image);
     expect(ours.equals(fs.readFileSync(raw))).toBe(true);
     // vdisk's own check agrees with qemu's: no errors, no leaks.
     const c = vdisk(['check', '--output', 'json', image]);
@@ -109,7 +91,7 @@ describe('vdisk writes through the mount, qemu-img checks and compares', () => {
     } finally {
       expect(await m.stop()).toBe(0);
     }
-    expect(qemuCheck(image)).toEqual({ corruptions: 0, leaks: 0, 'check-errors': 0 });
+    expect(qemuImgCheck(image)).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 });
     const cmp = sh(`qemu-img compare -f qcow2 -F raw ${image} ${model}`);
     expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
   });
