@@ -21,11 +21,9 @@ SIZE_MB=${SIZE_MB:-1024}
 # qemu 7.2's curl driver sometimes stops answering (then its dd makes no progress): give up after this long.
 DD_TIMEOUT=${DD_TIMEOUT:-120}
 
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }
-bench_need qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdfuse:libnbd-bin nginx:nginx-light curl:curl
+bench_prepare qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdfuse:libnbd-bin nginx:nginx-light curl:curl
 # qemu's http driver is a loadable module, packaged in qemu-block-extra.
 [ -f /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ] || bench_need block-curl.so:qemu-block-extra
-[ -f "$here/dist/cli/main.js" ] || bash "$here/scripts/setup.sh"
 vdisk() { node "$here/dist/cli/main.js" "$@"; }
 
 work="$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)"

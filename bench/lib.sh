@@ -11,6 +11,14 @@ bench_need() {
   fi
 }
 
+# What every benchmark needs first: root (FUSE mounts), the peers' packages, a built vdisk.
+# Usage: bench_prepare cmd:package [cmd:package ...]
+bench_prepare() {
+  [ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }
+  bench_need "$@"
+  [ -f "$here/dist/cli/main.js" ] || bash "$here/scripts/setup.sh"
+}
+
 # Wait until a FUSE mount shows at $1 while process $2 lives.
 wait_mounted() {
   for _ in $(seq 200); do

@@ -16,9 +16,7 @@ RUNS=${RUNS:-4}
 SIZE_MB=${SIZE_MB:-1024}
 FIO_SECONDS=${FIO_SECONDS:-10}
 
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root" >&2; exit 1; }
-bench_need qemu-storage-daemon:qemu-system-common fio:fio
-[ -f "$here/dist/cli/main.js" ] || bash "$here/scripts/setup.sh"
+bench_prepare qemu-storage-daemon:qemu-system-common fio:fio
 
 work="$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)"
 server=""
