@@ -224,6 +224,15 @@ static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
   dispatch(s, OP_READ, req, 3, argv);
 }
 
+/* Writes this large are handed to JS in the receive buffer itself (see ll_write). */
+#define STEAL_WRITE_MIN_BYTES (256 * 1024)
+
+static void free_receive_buffer(napi_env env, void *data, void *mem) {
+  (void)env;
+  (void)data;
+  free(mem);
+}
+
 static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi) {
   (void)ino;
@@ -231,8 +240,15 @@ static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
   vd_session *s = fuse_req_userdata(req);
   napi_value argv[3] = {NULL, num(s->env, (double)off), NULL};
   void *copy;
-  /* buf points into the receive buffer, which the next request overwrites. */
-  if (napi_create_buffer_copy(s->env, size, buf, &copy, &argv[2]) != napi_ok) {
+  char *mem = s->buf.mem;
+  /* buf points into the receive buffer, which the next request overwrites. A
+   * large write takes the whole receive buffer instead (libfuse allocates a new
+   * one for the next request), which saves copying every byte; a small one is
+   * cheaper to copy than a fresh buffer is to allocate. */
+  if (size >= STEAL_WRITE_MIN_BYTES && mem && buf >= mem && buf + size <= mem + s->buf.size &&
+      napi_create_external_buffer(s->env, size, (void *)buf, free_receive_buffer, mem, &argv[2]) == napi_ok) {
+    s->buf.mem = NULL;
+  } else if (napi_create_buffer_copy(s->env, size, buf, &copy, &argv[2]) != napi_ok) {
     bool pending = false;
     napi_value exc;
     napi_is_exception_pending(s->env, &pending);
