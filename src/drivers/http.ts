@@ -436,13 +436,14 @@ export class HttpDriver implements BlockDriver {
     const range = new RangeBuffer(start, end);
     this.ranges.push(range);
     void this.fill(range);
-    // Bounded memory: forget the oldest complete ranges, but not readahead not read yet
-    // (a window as large as the cache would otherwise evict itself and fetch again).
+    // Bounded memory: forget the oldest complete ranges the stream has gone past, never
+    // readahead it has not read yet, nor the range it is in the middle of (a window
+    // larger than the cache would otherwise evict itself and fetch it again).
     // A reader holding a forgotten range keeps it alive until it has copied out.
     let kept = 0;
     for (const r of this.ranges) kept += r.length;
     while (kept > this.options.cacheBytes) {
-      const i = this.ranges.findIndex((r) => r.complete && r.start < this.lastEnd);
+      const i = this.ranges.findIndex((r) => r.complete && r.end <= this.lastEnd);
       if (i < 0) break;
       kept -= this.ranges[i]!.length;
       this.ranges.splice(i, 1);
