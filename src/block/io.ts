@@ -14,6 +14,7 @@ import assert from 'node:assert/strict';
 import type { ZeroFlags } from './driver.js';
 import type { BlockNode } from './node.js';
 import { blockStatus, blockStatusAbove } from './block-status.js';
+import { BufferPool } from './buffer-pool.js';
 import { computePadding, type Padding } from './padding.js';
 import { iovBytes, iovIsZero, iovSlice, isZero } from './iov.js';
 import { MAX_ZERO_BOUNCE_BYTES } from './limits.js';
@@ -25,6 +26,14 @@ const trace = tracer('io');
 
 /** Never written to: drivers must not modify the buffers they are asked to write. */
 const ZERO_BOUNCE = Buffer.alloc(MAX_ZERO_BOUNCE_BYTES);
+
+/**
+ * Copy-on-read writes may trail the reads that fetched their data by this many
+ * bytes per node; past that, a read waits for its own copy to land.
+ */
+export const COR_WRITE_BEHIND_BYTES = 32 * 1024 * 1024;
+/** The trailing copies' own buffers (the caller's are free again once its read is answered). */
+const corBuffers = new BufferPool(COR_WRITE_BEHIND_BYTES);
 
 // ---------------------------------------------------------------------------
 // Validation at the edge
@@ -60,9 +69,10 @@ export async function preadv(node: BlockNode, offset: number, bytes: number, iov
   node.incInFlight();
   const pad = computePadding(offset, bytes, node.limits.requestAlignment);
   const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'read');
+  const trailing: Promise<void>[] = [];
   try {
     if (node.copyOnRead && node.backing && !node.readOnly) {
-      await copyOnReadv(node, req, offset, bytes, iov);
+      await copyOnReadv(node, req, offset, bytes, iov, trailing);
       return;
     }
     await node.tracker.waitSerialising(req);
@@ -74,9 +84,15 @@ export async function preadv(node: BlockNode, offset: number, bytes: number, iov
       await alignedPreadv(node, pad.offset, pad.bytes, padded);
     }
   } finally {
-    node.tracker.end(req);
-    node.decInFlight();
+    // Copies still on their way keep the request in flight, and serialising, until they land.
+    if (trailing.length === 0) endRequest(node, req);
+    else void Promise.all(trailing).then(() => endRequest(node, req));
   }
+}
+
+function endRequest(node: BlockNode, req: TrackedRequest): void {
+  node.tracker.end(req);
+  node.decInFlight();
 }
 
 async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
@@ -94,10 +110,16 @@ async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov
  * top node lacks are read through the chain, handed to the caller, and written
  * into the top node (all-zero ones as write-zeroes). The request is serialising
  * at cluster granularity and looks at the allocation only once it runs, so a
- * guest write that landed meanwhile is never overwritten. A failed copy (disk
- * full) does not fail the read.
+ * guest write that landed meanwhile is never overwritten.
+ *
+ * With `trailing`, a read does not wait for its copies: each is written from a
+ * buffer of its own and its promise pushed to `trailing`, and the caller keeps
+ * the request serialising until they all land (so a write to those clusters
+ * still waits for them). A failed copy (disk full) only counts; the read has
+ * its data. Without `trailing` (the stream job) copies are awaited and their
+ * errors thrown.
  */
-async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[] | null, strict = false): Promise<void> {
+async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[] | null, trailing: Promise<void>[] | null): Promise<void> {
   const granularity = node.driver.allocationAlignment ?? node.limits.requestAlignment;
   const size = node.size();
   const start = offset - (offset % granularity);
@@ -123,10 +145,22 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
     const from = Math.max(pos, offset);
     const to = Math.min(pos + n, offset + bytes);
     const wanted = iov && to > from ? iovSlice(iov, from - offset, to - from) : [];
-    let parts: Buffer[];
+    const trail = trailing !== null && node.corBytesTrailing + n <= COR_WRITE_BEHIND_BYTES;
+    let own: Buffer | null = null;
+    let parts: Buffer[] = [];
     if (zeroUnits > 0) {
       for (const b of wanted) b.fill(0);
-      parts = [ZERO_BOUNCE.length >= n ? ZERO_BOUNCE.subarray(0, n) : Buffer.alloc(n)];
+    } else if (trail) {
+      own = corBuffers.take(n);
+      try {
+        await alignedPreadv(node, pos, n, [own]);
+      } catch (err) {
+        corBuffers.give(own);
+        throw err;
+      }
+      copyInto(wanted, own.subarray(from - pos, to - pos));
+      parts = [own];
+      node.corStats.bytesFromBacking += n;
     } else {
       // Read straight into the caller's buffers, with scratch space around them.
       parts = wanted.length
@@ -135,16 +169,32 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
       await alignedPreadv(node, pos, n, parts);
       node.corStats.bytesFromBacking += n;
     }
-    try {
-      if (zeroUnits > 0 || iovIsZero(parts)) await alignedPwriteZeroes(node, pos, n, false);
-      else await alignedPwritev(node, pos, n, parts);
-      node.corStats.bytesCopied += n;
-    } catch (err) {
-      if (strict) throw err;
-      node.corStats.copyFailures++;
-      trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, pos, n, (err as Error).message);
+    const copy = copyIn(node, pos, n, zeroUnits > 0 || iovIsZero(parts) ? null : parts, trailing === null);
+    if (trail) {
+      node.corBytesTrailing += n;
+      trailing.push(
+        copy.finally(() => {
+          node.corBytesTrailing -= n;
+          if (own) corBuffers.give(own);
+        }),
+      );
+    } else {
+      await copy;
     }
     pos += n;
+  }
+}
+
+/** Write one copy-on-read piece into the top node (`data` null: it reads as zero). Rejects only when `strict`. */
+async function copyIn(node: BlockNode, offset: number, bytes: number, data: Buffer[] | null, strict: boolean): Promise<void> {
+  try {
+    if (data) await alignedPwritev(node, offset, bytes, data);
+    else await alignedPwriteZeroes(node, offset, bytes, false);
+    node.corStats.bytesCopied += bytes;
+  } catch (err) {
+    if (strict) throw err;
+    node.corStats.copyFailures++;
+    trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, offset, bytes, (err as Error).message);
   }
 }
 
@@ -159,7 +209,7 @@ export async function copyFromBacking(node: BlockNode, offset: number, bytes: nu
   node.incInFlight();
   const req = node.tracker.begin(offset, bytes, 'read');
   try {
-    await copyOnReadv(node, req, offset, bytes, null, true);
+    await copyOnReadv(node, req, offset, bytes, null, null);
   } finally {
     node.tracker.end(req);
     node.decInFlight();

@@ -42,6 +42,8 @@ export class BlockNode {
   discard: DiscardMode;
   copyOnRead: boolean;
   readonly corStats: CopyOnReadStats = { bytesFromBacking: 0, bytesCopied: 0, copyFailures: 0 };
+  /** @internal Bytes of copy-on-read writes still on their way after their reads were answered (io.ts). */
+  corBytesTrailing = 0;
   private inFlight = 0;
   private drainWaiters: Array<() => void> = [];
 

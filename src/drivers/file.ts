@@ -22,6 +22,14 @@ const MAX_NOWAIT_IOV = 256;
  * sequential reads were faster that way).
  */
 const NOWAIT_MAX_BYTES = 128 * 1024;
+/**
+ * Writes this large go to the kernel one at a time per file. A buffered write
+ * holds the file's inode lock for its whole copy, so a second large one beside
+ * it only spins on that lock (perf: 5% of the CPU of a copy-on-read pass, whose
+ * copies trail their reads). Smaller writes are left to the kernel: for them
+ * the wait is shorter than a trip back through the event loop.
+ */
+const SERIAL_WRITE_MIN_BYTES = 256 * 1024;
 
 export interface FileOpenOptions {
   readOnly?: boolean;
@@ -77,6 +85,8 @@ export class FileDriver implements BlockDriver {
   private canPunchHole = true;
   private canSeekData = true;
   private canReadNoWait = true;
+  /** The last large write queued: the next one starts after it (SERIAL_WRITE_MIN_BYTES). */
+  private largeWrites: Promise<void> = Promise.resolve();
 
   private constructor(path: string, fd: number, size: number, readOnly: boolean, growable: boolean) {
     this.path = path;
@@ -143,7 +153,14 @@ export class FileDriver implements BlockDriver {
     }
   }
 
-  async pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+    if (bytes < SERIAL_WRITE_MIN_BYTES) return this.writeAll(offset, bytes, iov);
+    const write = this.largeWrites.then(() => this.writeAll(offset, bytes, iov));
+    this.largeWrites = write.catch(() => undefined);
+    return write;
+  }
+
+  private async writeAll(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
     let done = 0;
     while (done < bytes) {
       done += await writev(this.fd, done ? iovAdvance(iov, done) : iov, offset + done);

@@ -117,7 +117,37 @@ describe('copy-on-read against concurrent writes', () => {
     const big = Buffer.alloc(MiB);
     await io.preadv(top, 4 * MiB, MiB, [big]);
     expect(big.every((b) => b === 0x61)).toBe(true);
+    await top.drain(); // the copies trail the read
     expect(top.corStats.copyFailures).toBeGreaterThan(0);
     await top.close().catch(() => undefined);
+  });
+
+  it('a read is answered before its copy lands; a write to that cluster waits for the copy and wins', async () => {
+    const baseFile = path.join(dir, 'trail.base');
+    fs.writeFileSync(baseFile, Buffer.alloc(SIZE, 0x62));
+    const image = path.join(dir, 'trail.qcow2');
+    expect(vdisk(['create', '-f', 'qcow2', '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
+    const backing = new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile });
+    const hostFile = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
+    // Every write to the overlay's file takes a while: the copy is still on its way when the read returns.
+    const slowWrites = new BlockNode(new BlkdebugDriver(hostFile, [{ op: 'write', delayMs: 200 }]), { name: 'slow-writes' });
+    const drv = await Qcow2Driver.open(slowWrites);
+    drv.backing = backing;
+    const top = new BlockNode(drv, { name: image, backing, copyOnRead: true });
+    const buf = Buffer.alloc(MiB);
+    await io.preadv(top, 2 * MiB, MiB, [buf]);
+    expect(buf.every((b) => b === 0x62)).toBe(true);
+    expect(top.corStats.bytesFromBacking).toBe(MiB);
+    expect(top.corStats.bytesCopied).toBe(0);
+    // A guest write into those clusters now must not be overwritten by the copy landing after it.
+    await io.pwritev(top, 2 * MiB + 4096, 512, [Buffer.alloc(512, 0x77)]);
+    expect(top.corStats.bytesCopied).toBe(MiB);
+    const back = Buffer.alloc(8192);
+    await io.preadv(top, 2 * MiB, 8192, [back]);
+    expect(back.subarray(0, 4096).every((b) => b === 0x62)).toBe(true);
+    expect(back.subarray(4096, 4608).every((b) => b === 0x77)).toBe(true);
+    expect(back.subarray(4608).every((b) => b === 0x62)).toBe(true);
+    await top.close();
+    expectQemuClean(image);
   });
 });
