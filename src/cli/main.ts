@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 /** The vdisk command line. */
+import v8 from 'node:v8';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { VdiskError } from '../errors.js';
@@ -11,6 +12,19 @@ import { mountOptions, runMount } from './mount.js';
 import { runUnmount, unmountOptions } from './unmount.js';
 import { runStream, streamOptions } from './stream.js';
 import { exitCodeOf, reportError } from './util.js';
+
+/**
+ * Streaming through vdisk allocates a 64 KiB ArrayBuffer for every socket
+ * read, and V8 counts that memory against its full-GC trigger, which it sets
+ * at only a few times the (small, ~12 MB) live heap: a 1 GiB copy-on-read pass
+ * ran 40-80 full GCs. A growing factor of 11 instead of V8's ~2 leaves about
+ * one every 64 MiB (V8's own external-memory step): 16. Measured on that pass:
+ * 522-641 -> 753-789 MB/s, and a quarter less CPU. The process's own heap stays
+ * small; the price is that garbage may pile up to 11x the live heap (~130 MB)
+ * between collections. The command line only: a library must not change
+ * process-wide flags.
+ */
+v8.setFlagsFromString('--heap-growing-percent=1000');
 
 async function main(argv: string[]): Promise<void> {
   await yargs(argv)
