@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of a remote image read with copy-on-read, served by
 # nginx on 127.0.0.1, in one run:
-#   vdisk        qcow2 overlay on the URL, mounted with --copy-on-read
-#   vdisk-dio    the same with --direct-io (no page cache on the mounted file, as qemu's export)
+#   vdisk        qcow2 overlay on the URL, mounted with --copy-on-read (direct I/O, its default,
+#                as qemu's FUSE export always is)
+#   vdisk-pc     the same with --no-direct-io: the kernel page cache on the mounted file
 #   nbdkit       curl plugin + cow filter (cow-on-read=true), exposed by nbdfuse
 #   qemu         qemu-storage-daemon: http backing under a qcow2 overlay, copy-on-read filter, FUSE export
 #   curl         curl -o /dev/null: the ceiling
@@ -69,9 +70,9 @@ start_vdisk() { # [mount options]; sets $file, the mounted file to read
   file="$work/mnt-vdisk"
   wait_file "$file" "$server"
 }
-# The same without the kernel page cache on the mounted file (as qemu's FUSE export serves):
-# the first pass costs one copy less, the second is served by vdisk from the overlay.
-start_vdisk-dio() { start_vdisk --direct-io; }
+# The same with the kernel page cache on the mounted file: the first pass costs one copy
+# more, the second is served by the kernel without reaching vdisk.
+start_vdisk-pc() { start_vdisk --no-direct-io; }
 start_nbdkit() {
   mkdir -p "$work/mnt-nbd"
   nbdfuse "$work/mnt-nbd/disk" --command nbdkit -s curl url="$url" --filter=cow cow-on-read=true >>"$work/nbd.log" 2>&1 &
@@ -138,7 +139,7 @@ for run in $(seq "$RUNS"); do
   results[curl,bytes1,$run]=$(( $(served) - b0 ))
   echo "bench: curl run $run: ${results[curl,first,$run]} MB/s"
   # Each run starts with a different tool: the first reads after the image is written are slower, whoever does them.
-  tools=(vdisk nbdkit qemu vdisk-dio)
+  tools=(vdisk nbdkit qemu vdisk-pc)
   k=$(( (run - 1) % ${#tools[@]} ))
   order=("${tools[@]:k}" "${tools[@]:0:k}")
   for name in "${order[@]}"; do measure "$name"; done
@@ -150,13 +151,13 @@ size=$((SIZE_MB * 1024 * 1024))
 printf '\n%-10s %14s %14s %16s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st"
 cv=$(col curl first)
 vf=$(col vdisk first)
-for name in vdisk vdisk-dio nbdkit qemu curl; do
+for name in vdisk vdisk-pc nbdkit qemu curl; do
   f=$(col "$name" first); s=$(col "$name" second); b=$(col "$name" bytes1)
   [ "$name" = curl ] && s=-
   printf '%-10s %14s %14s %16s %14s %14s\n' "$name" "$f" "$s" "$(awk -v a="$b" -v b="$size" 'BEGIN { printf "%.3f", a / b }')" \
     "$(awk -v a="$vf" -v b="$f" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" "$(awk -v a="$f" -v b="$cv" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
-for name in vdisk vdisk-dio nbdkit qemu; do
+for name in vdisk vdisk-pc nbdkit qemu; do
   [ -n "${hung[$name]:-}" ] && echo "$name: ${hung[$name]} of $RUNS runs hung and are left out of its medians"
 done
 exit 0

@@ -63,7 +63,7 @@ export interface MountArgs {
   'allow-other': boolean;
   discard: 'ignore' | 'unmap';
   'detect-zeroes': 'off' | 'on' | 'unmap';
-  'direct-io': boolean;
+  'direct-io'?: boolean;
   'readahead-kb': number;
   stats: boolean;
   inject: string[];
@@ -81,7 +81,11 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
     .option('allow-other', { type: 'boolean', default: false, describe: 'let other users open the file (mode 0644 instead of 0600)' })
     .option('discard', { choices: ['ignore', 'unmap'] as const, default: 'unmap' as const, describe: 'unmap: punch-hole frees space in the image; ignore: it only writes zeroes' })
     .option('detect-zeroes', { choices: ['off', 'on', 'unmap'] as const, default: 'off' as const, describe: 'turn writes of all-zero data into write-zeroes (unmap: and free the space)' })
-    .option('direct-io', { type: 'boolean', default: false, describe: 'bypass the kernel page cache (every read reaches vdisk)' })
+    .option('direct-io', {
+      type: 'boolean',
+      describe:
+        'bypass the kernel page cache: every read reaches vdisk, shared mmap is refused (default: on with copy-on-read, whose overlay is cached by the kernel already; off otherwise)',
+    })
     .option('readahead-kb', { type: 'number', default: 1024, describe: 'kernel readahead for the mount in KiB (root only)' })
     .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit (reads, bytes fetched from the backing chain, bytes copied into the overlay)' })
     .option('copy-on-read', {
@@ -114,7 +118,14 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     warnings.push(image.backing ? 'copy-on-read needs a writable top image' : 'copy-on-read needs a backing file: nothing to copy');
   }
   for (const w of warnings) process.stderr.write(`vdisk: warning: ${w}\n`);
-  if (image.copyOnRead) process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name}\n`);
+  // With copy-on-read, a page cache on the mounted file would hold a second copy of what
+  // the overlay's page cache holds already, and filling it costs the first pass one more
+  // copy of every byte (QEMU's FUSE export is always direct): measured 1.5x faster.
+  const directIo = args['direct-io'] ?? image.copyOnRead;
+  if (image.copyOnRead) {
+    const how = directIo ? 'direct I/O; --no-direct-io keeps a page cache' : 'page cache on';
+    process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name} (${how})\n`);
+  }
   const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
   let exp: FuseExport;
   try {
@@ -122,7 +133,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
       mountpoint: args.mountpoint,
       readOnly: args['read-only'],
       allowOther: args['allow-other'],
-      directIo: args['direct-io'],
+      directIo,
       readaheadKiB: args['readahead-kb'],
     });
   } catch (err) {

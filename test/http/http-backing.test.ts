@@ -67,6 +67,32 @@ describe('HTTP backing with nginx', () => {
     expect(sh(`qemu-img check ${image}`).status).toBe(0);
   });
 
+  it('copy-on-read mounts default to direct I/O (no second page cache); --no-direct-io keeps the page cache', async () => {
+    // Observable from outside: a FUSE file opened for direct I/O refuses a shared mapping (ENODEV).
+    const mapShared = (file: string) =>
+      sh(`python3 -c 'import mmap,sys; f=open(sys.argv[1],"rb"); m=mmap.mmap(f.fileno(),65536,mmap.MAP_SHARED,mmap.PROT_READ); sys.stdout.write(m[:4].hex())' ${file}`);
+    const expected = data.subarray(0, 4).toString('hex');
+    const direct = await overlayOn(nginx.url('disk.raw'), 'cor-direct', ['--copy-on-read']);
+    try {
+      expect(direct.m.stderr).toMatch(/copy-on-read: .*direct I\/O/);
+      const r = mapShared(direct.mnt);
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/No such device/);
+      expect((await read(direct.mnt, 0, 4)).toString('hex')).toBe(expected);
+    } finally {
+      expect(await direct.m.stop()).toBe(0);
+    }
+    const cached = await overlayOn(nginx.url('disk.raw'), 'cor-cached', ['--copy-on-read', '--no-direct-io']);
+    try {
+      expect(cached.m.stderr).toMatch(/copy-on-read: .*page cache on/);
+      const r = mapShared(cached.mnt);
+      expect(r.stderr).toBe('');
+      expect(r.stdout).toBe(expected);
+    } finally {
+      expect(await cached.m.stop()).toBe(0);
+    }
+  });
+
   it('reading one 4 KiB block fetches no more than the first readahead window', async () => {
     const { m, mnt } = await overlayOn(nginx.url('disk.raw'), 'one-block', ['--copy-on-read']);
     try {
