@@ -146,6 +146,8 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
     const to = Math.min(pos + n, offset + bytes);
     const wanted = iov && to > from ? iovSlice(iov, from - offset, to - from) : [];
     const trail = trailing !== null && node.corBytesTrailing + n <= COR_WRITE_BEHIND_BYTES;
+    // Reserved before reading, so that reads side by side keep to the bound together.
+    if (trail) node.corBytesTrailing += n;
     let own: Buffer | null = null;
     let parts: Buffer[] = [];
     if (zeroUnits > 0) {
@@ -155,6 +157,7 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
       try {
         await alignedPreadv(node, pos, n, [own]);
       } catch (err) {
+        node.corBytesTrailing -= n;
         corBuffers.give(own);
         throw err;
       }
@@ -171,7 +174,6 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
     }
     const copy = copyIn(node, pos, n, zeroUnits > 0 || iovIsZero(parts) ? null : parts, trailing === null);
     if (trail) {
-      node.corBytesTrailing += n;
       trailing.push(
         copy.finally(() => {
           node.corBytesTrailing -= n;

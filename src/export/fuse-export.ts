@@ -23,6 +23,7 @@
 import { constants as fsConstants } from 'node:fs';
 import type { BlockNode } from '../block/node.js';
 import * as io from '../block/io.js';
+import { BufferPool } from '../block/buffer-pool.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import { VdiskError, errnoOf } from '../errors.js';
 import { MNT_DETACH, native, type FuseReq, type FuseSessionHandle, type NativeAddon } from '../native.js';
@@ -48,8 +49,12 @@ const SET_ATTR_MTIME_NOW = 1 << 8;
 
 /** Largest read or write the kernel sends (max_write, max_read, max_pages). */
 export const FUSE_MAX_IO_BYTES = 1024 * 1024;
-/** Read buffers kept for reuse (the kernel rarely has more reads in flight). */
-const MAX_POOLED_READ_BUFFERS = 32;
+/**
+ * Idle read buffers kept for reuse (the kernel rarely has more than 32 MiB of
+ * reads in flight): a fresh 1 MiB buffer per request costs page faults on
+ * first touch and an munmap on free, which dominated 1 MiB reads.
+ */
+const MAX_POOLED_READ_BYTES = 32 * FUSE_MAX_IO_BYTES;
 /**
  * Read replies this large are copied into the kernel from a thread-pool thread:
  * the copy is the loop thread's biggest cost on sequential reads, while for
@@ -94,7 +99,7 @@ export class FuseExport {
   private idleWaiters: Array<() => void> = [];
   private endedResolve!: (errno: number) => void;
   private closing: Promise<void> | null = null;
-  private readonly readBuffers: Buffer[] = [];
+  private readonly readBuffers = new BufferPool(MAX_POOLED_READ_BYTES);
   private mode: number;
   private uid = process.getuid?.() ?? 0;
   private gid = process.getgid?.() ?? 0;
@@ -189,14 +194,6 @@ export class FuseExport {
     return this.closing;
   }
 
-  /**
-   * Read buffers are recycled: a fresh 1 MiB buffer per request costs page
-   * faults on first touch and an munmap on free, which dominated 1 MiB reads.
-   */
-  private releaseReadBuffer(block: Buffer): void {
-    if (this.readBuffers.length < MAX_POOLED_READ_BUFFERS) this.readBuffers.push(block);
-  }
-
   private idle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
@@ -277,25 +274,24 @@ export class FuseExport {
         this.serve(req, 'read', async () => {
           const bytes = Math.max(0, Math.min(size, node.size() - offset));
           if (bytes === 0) return () => addon.replyRead(req, []);
-          const block = this.readBuffers.pop() ?? Buffer.allocUnsafe(FUSE_MAX_IO_BYTES);
-          const buf = block.subarray(0, bytes);
+          const buf = this.readBuffers.take(bytes);
           try {
             await io.preadv(node, offset, bytes, [buf]);
           } catch (err) {
-            this.releaseReadBuffer(block);
+            this.readBuffers.give(buf);
             throw err;
           }
           this.stats.reads++;
           this.stats.bytesRead += bytes;
           if (bytes >= ASYNC_REPLY_MIN_BYTES) {
-            return () => addon.replyReadAsync(req, [buf]).finally(() => this.releaseReadBuffer(block));
+            return () => addon.replyReadAsync(req, [buf]).finally(() => this.readBuffers.give(buf));
           }
           return () => {
             // The kernel has copied the data once replyRead returns: the buffer is free again.
             try {
               addon.replyRead(req, [buf]);
             } finally {
-              this.releaseReadBuffer(block);
+              this.readBuffers.give(buf);
             }
           };
         }),
