@@ -6,7 +6,9 @@
 #   vdisk-pc     the same with --no-direct-io: the kernel page cache on the mounted file
 #   nbdkit       curl plugin + cow filter (cow-on-read=true), exposed by nbdfuse
 #   qemu         qemu-storage-daemon: http backing under a qcow2 overlay, copy-on-read filter, FUSE export
-#   curl         curl -o /dev/null: the ceiling
+#   curl         curl -o /dev/null: the ceiling for fetching
+#   curl-file    curl -o FILE: fetching and storing every byte, the least any copy-on-read
+#                pass must do (it also hands every byte to its reader)
 # For each: first and second full sequential read (dd bs=1M) in MB/s, and the
 # bytes nginx sent during each pass. Medians of RUNS runs; ratios vs vdisk.
 #
@@ -138,6 +140,11 @@ for run in $(seq "$RUNS"); do
   results[curl,first,$run]=$(curl -s -o /dev/null -w '%{speed_download}' "$url" | awk '{ printf "%.0f\n", $1 / 1000000 }')
   results[curl,bytes1,$run]=$(( $(served) - b0 ))
   echo "bench: curl run $run: ${results[curl,first,$run]} MB/s"
+  b0=$(served)
+  results[curl-file,first,$run]=$(curl -s -o "$work/curl.raw" -w '%{speed_download}' "$url" | awk '{ printf "%.0f\n", $1 / 1000000 }')
+  results[curl-file,bytes1,$run]=$(( $(served) - b0 ))
+  rm -f "$work/curl.raw"; sync
+  echo "bench: curl-file run $run: ${results[curl-file,first,$run]} MB/s"
   # Each run starts with a different tool: the first reads after the image is written are slower, whoever does them.
   tools=(vdisk nbdkit qemu vdisk-pc)
   k=$(( (run - 1) % ${#tools[@]} ))
@@ -148,14 +155,16 @@ done
 # Median over the runs that completed.
 col() { local v=(); for run in $(seq "$RUNS"); do [ -n "${results[$1,$2,$run]:-}" ] && v+=("${results[$1,$2,$run]}"); done; [ ${#v[@]} -gt 0 ] && median "${v[@]}" || echo 0; }
 size=$((SIZE_MB * 1024 * 1024))
-printf '\n%-10s %14s %14s %16s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st"
+printf '\n%-10s %14s %14s %16s %14s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "2nd (MB/s)" "served 1st (x)" "vdisk/this 1st" "vs curl 1st" "vs curl-file"
 cv=$(col curl first)
+cfv=$(col curl-file first)
 vf=$(col vdisk first)
-for name in vdisk vdisk-pc nbdkit qemu curl; do
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+for name in vdisk vdisk-pc nbdkit qemu curl curl-file; do
   f=$(col "$name" first); s=$(col "$name" second); b=$(col "$name" bytes1)
-  [ "$name" = curl ] && s=-
-  printf '%-10s %14s %14s %16s %14s %14s\n' "$name" "$f" "$s" "$(awk -v a="$b" -v b="$size" 'BEGIN { printf "%.3f", a / b }')" \
-    "$(awk -v a="$vf" -v b="$f" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" "$(awk -v a="$f" -v b="$cv" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+  case "$name" in curl*) s=- ;; esac
+  printf '%-10s %14s %14s %16s %14s %14s %14s\n' "$name" "$f" "$s" "$(awk -v a="$b" -v b="$size" 'BEGIN { printf "%.3f", a / b }')" \
+    "$(ratio "$vf" "$f")" "$(ratio "$f" "$cv")" "$(ratio "$f" "$cfv")"
 done
 for name in vdisk vdisk-pc nbdkit qemu; do
   [ -n "${hung[$name]:-}" ] && echo "$name: ${hung[$name]} of $RUNS runs hung and are left out of its medians"
