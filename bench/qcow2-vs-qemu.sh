@@ -59,6 +59,8 @@ measure() { # name start_fn run
   results[$name,randread16,$run]=$(fio_iops "$mnt" 16 randread)
   results[$name,randwrite16,$run]=$(fio_iops "$mnt" 16 randwrite)
   stop_server
+  # Each measurement starts with nothing dirty: the random writes above leave writeback behind them.
+  sync
   rm -f "$work/new.qcow2"; qemu-img create -q -f qcow2 "$work/new.qcow2" "${SIZE_MB}M"
   $start "$work/new.qcow2" "$mnt"
   results[$name,seqwrite,$run]=$(dd_rate if=/dev/shm/vdisk-bench-src of="$mnt" bs=1M conv=notrunc,fsync)
