@@ -194,6 +194,8 @@ export class HttpDriver implements BlockDriver {
   private validator: string | null = null;
   /** Ranges fetched or on their way, oldest first; bounded by cacheBytes. */
   private ranges: RangeBuffer[] = [];
+  /** The latest read: [lastStart, lastEnd). */
+  private lastStart = -1;
   private lastEnd = -1;
   /** Bytes read back to back since the last seek. */
   private streamBytes = 0;
@@ -436,14 +438,16 @@ export class HttpDriver implements BlockDriver {
     const range = new RangeBuffer(start, end);
     this.ranges.push(range);
     void this.fill(range);
-    // Bounded memory: forget the oldest complete ranges the stream has gone past, never
-    // readahead it has not read yet, nor the range it is in the middle of (a window
-    // larger than the cache would otherwise evict itself and fetch it again).
+    // Bounded memory: forget the oldest complete ranges, but not those of the latest
+    // read nor the readahead window beyond it (a window larger than the cache would
+    // otherwise evict itself and fetch it again). Anything else goes, wherever it
+    // lies: a reader going backwards must not pile ranges up.
     // A reader holding a forgotten range keeps it alive until it has copied out.
-    let kept = 0;
-    for (const r of this.ranges) kept += r.length;
+    let kept = this.cachedBytes;
+    const keepFrom = this.lastStart;
+    const keepTo = this.lastEnd + this.window;
     while (kept > this.options.cacheBytes) {
-      const i = this.ranges.findIndex((r) => r.complete && r.end <= this.lastEnd);
+      const i = this.ranges.findIndex((r) => r.complete && (r.end <= keepFrom || r.start >= keepTo));
       if (i < 0) break;
       kept -= this.ranges[i]!.length;
       this.ranges.splice(i, 1);
@@ -458,9 +462,17 @@ export class HttpDriver implements BlockDriver {
     return end;
   }
 
+  /** Bytes of ranges held in the cache or on their way. */
+  get cachedBytes(): number {
+    let n = 0;
+    for (const r of this.ranges) n += r.length;
+    return n;
+  }
+
   async preadv(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
     const end = offset + bytes;
     const sequential = offset === this.lastEnd;
+    this.lastStart = offset;
     this.lastEnd = end;
     // The window grows with what the stream has read so far (twice as much, up to the
     // maximum) and starts over after a seek: sixteen 4 KiB reads in a row are no
