@@ -257,8 +257,7 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
     // RMW rewrites bytes this request was not given: nobody may touch those blocks meanwhile.
     if (pad) node.tracker.markSerialising(req, align);
     // Allocating a cluster (and copying what the write does not cover) must not interleave either.
-    serialiseAllocation(node, req, offset, bytes, false);
-    await node.tracker.waitSerialising(req);
+    await waitSerialisingAllocation(node, req, offset, bytes, false);
     if (!pad) {
       await alignedPwritev(node, offset, bytes, iov);
     } else {
@@ -276,14 +275,26 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
   }
 }
 
-/** Read the partially covered first and last blocks of a padded write (once if they are one block). */
-/** Make `req` serialising at the driver's allocation granularity when it may change the mapping. */
-function serialiseAllocation(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, always: boolean): void {
+/**
+ * Wait for conflicting requests, with `req` serialising at the driver's
+ * allocation granularity when it may change the mapping. Whether a write
+ * allocates is only sure once the requests it waited for are done (a zero or
+ * discard may have unmapped its cluster meanwhile), so it is asked again then:
+ * two writes that both allocate the same cluster would leak one of them.
+ */
+async function waitSerialisingAllocation(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, always: boolean): Promise<void> {
   const granularity = node.driver.allocationAlignment;
-  if (!granularity) return;
-  if (always || node.driver.mayAllocate?.(offset, bytes) !== false) node.tracker.markSerialising(req, granularity);
+  const mayAllocate = () => granularity !== undefined && (always || node.driver.mayAllocate?.(offset, bytes) !== false);
+  const widened = mayAllocate();
+  if (widened) node.tracker.markSerialising(req, granularity!);
+  await node.tracker.waitSerialising(req);
+  if (!widened && mayAllocate()) {
+    node.tracker.markSerialising(req, granularity!);
+    await node.tracker.waitSerialising(req);
+  }
 }
 
+/** Read the partially covered first and last blocks of a padded write (once if they are one block). */
 async function rmwRead(node: BlockNode, pad: Padding): Promise<{ headBlock: Buffer | null; tailBlock: Buffer | null }> {
   const align = node.limits.requestAlignment;
   const lastBlock = pad.offset + pad.bytes - align;
@@ -338,8 +349,7 @@ export async function pwriteZeroes(node: BlockNode, offset: number, bytes: numbe
   const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'zero');
   try {
     if (pad) node.tracker.markSerialising(req, align);
-    serialiseAllocation(node, req, offset, bytes, true);
-    await node.tracker.waitSerialising(req);
+    await waitSerialisingAllocation(node, req, offset, bytes, true);
     const end = offset + bytes;
     let pos = offset;
     // A head smaller than a block: zero it inside the block by read-modify-write.
@@ -432,8 +442,7 @@ export async function pdiscard(node: BlockNode, offset: number, bytes: number): 
   node.incInFlight();
   const req = node.tracker.begin(start, end - start, 'discard');
   try {
-    serialiseAllocation(node, req, start, end - start, true);
-    await node.tracker.waitSerialising(req);
+    await waitSerialisingAllocation(node, req, start, end - start, true);
     for (let pos = start; pos < end; ) {
       const n = Math.min(node.limits.maxPdiscard, end - pos);
       try {
