@@ -28,6 +28,12 @@ export interface BlockLimits {
 export interface ZeroFlags {
   /** The node may free the space (the range must still read as zero). */
   mayUnmap?: boolean;
+  /**
+   * The range must be this node's afterwards, not left to read through to the
+   * backing chain (copy-on-read). A driver that cannot promise it throws
+   * ENOTSUP, and zeroes are written as data.
+   */
+  allocate?: boolean;
 }
 
 /** Status of a prefix of the asked range, as the driver sees it. */

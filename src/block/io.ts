@@ -191,7 +191,8 @@ async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number,
 async function copyIn(node: BlockNode, offset: number, bytes: number, data: Buffer[] | null, strict: boolean): Promise<void> {
   try {
     if (data) await alignedPwritev(node, offset, bytes, data);
-    else await alignedPwriteZeroes(node, offset, bytes, false);
+    // The clusters must be this node's afterwards, or later reads go to the backing again.
+    else await alignedPwriteZeroes(node, offset, bytes, { allocate: true });
     node.corStats.bytesCopied += bytes;
   } catch (err) {
     if (strict) throw err;
@@ -361,7 +362,7 @@ export async function pwriteZeroes(node: BlockNode, offset: number, bytes: numbe
     }
     const alignedEnd = end - (end % align);
     if (alignedEnd > pos) {
-      await alignedPwriteZeroes(node, pos, alignedEnd - pos, mayUnmap);
+      await alignedPwriteZeroes(node, pos, alignedEnd - pos, { mayUnmap });
       pos = alignedEnd;
     }
     if (pos < end) await rmwZero(node, pos, 0, end - pos);
@@ -379,12 +380,12 @@ async function rmwZero(node: BlockNode, block: number, from: number, to: number)
   buf.fill(0, from, to);
   // A block that will read as zero anyway is a write-zeroes of the whole block:
   // the driver can do it as metadata instead of allocating (seed 004).
-  if (isZero(buf)) return alignedPwriteZeroes(node, block, align, false);
+  if (isZero(buf)) return alignedPwriteZeroes(node, block, align, {});
   await alignedPwritev(node, block, align, [buf]);
 }
 
 /** Native write-zeroes in chunks; ENOTSUP (or no native op) falls back to writing zeroes. */
-async function alignedPwriteZeroes(node: BlockNode, offset: number, bytes: number, mayUnmap: boolean): Promise<void> {
+async function alignedPwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
   const { requestAlignment: align, maxPwriteZeroes } = node.limits;
   assert(offset % align === 0 && bytes % align === 0, 'alignedPwriteZeroes: unaligned request');
   const drv = node.driver;
@@ -393,7 +394,7 @@ async function alignedPwriteZeroes(node: BlockNode, offset: number, bytes: numbe
     try {
       while (done < bytes) {
         const n = Math.min(maxPwriteZeroes, bytes - done);
-        await drv.pwriteZeroes(offset + done, n, { mayUnmap });
+        await drv.pwriteZeroes(offset + done, n, flags);
         done += n;
       }
       return;

@@ -15,7 +15,7 @@ import { FileDriver } from '../../src/drivers/file.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { useScratchDir } from '../helpers/env.js';
 import { expectQemuClean } from '../helpers/image.js';
-import { MiB, vdisk } from '../helpers/vdisk.js';
+import { MiB, sh, vdisk } from '../helpers/vdisk.js';
 import { rng, seededData } from '../helpers/workload.js';
 
 let dir: string;
@@ -120,6 +120,24 @@ describe('copy-on-read against concurrent writes', () => {
     await top.drain(); // the copies trail the read
     expect(top.corStats.copyFailures).toBeGreaterThan(0);
     await top.close().catch(() => undefined);
+  });
+
+  it('a compat=0.10 overlay (no zero clusters) gets zeroes read below as data, so it stops reading through', async () => {
+    const baseFile = path.join(dir, 'v2.base');
+    fs.writeFileSync(baseFile, '');
+    fs.truncateSync(baseFile, SIZE); // a hole: block status says zero below
+    const image = path.join(dir, 'v2.qcow2');
+    expect(vdisk(['create', '-f', 'qcow2', '-o', 'compat=0.10', '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
+    const top = await openImage(image, { copyOnRead: true });
+    const buf = Buffer.alloc(MiB, 1);
+    await io.preadv(top, MiB, MiB, [buf]);
+    expect(buf.every((b) => b === 0)).toBe(true);
+    await top.close();
+    const map = JSON.parse(sh(`qemu-img map --output=json ${image}`).stdout) as Array<{ start: number; length: number; depth: number }>;
+    const here = map.filter((e) => e.start < 2 * MiB && e.start + e.length > MiB);
+    expect(here.length).toBeGreaterThan(0);
+    expect(here.every((e) => e.depth === 0)).toBe(true);
+    expectQemuClean(image);
   });
 
   it('a read is answered before its copy lands; a write to that cluster waits for the copy and wins', async () => {

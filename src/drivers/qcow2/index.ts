@@ -22,7 +22,7 @@ import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../../block/driv
 import type { BlockNode } from '../../block/node.js';
 import * as io from '../../block/io.js';
 import { iovSlice, isZero } from '../../block/iov.js';
-import { VdiskError } from '../../errors.js';
+import { VdiskError, notSupported } from '../../errors.js';
 import { tracer } from '../../trace.js';
 import {
   EXT_BITMAPS,
@@ -671,6 +671,8 @@ export class Qcow2Driver implements BlockDriver {
    */
   async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
     this.checkWritable();
+    // v2 has no zero clusters: a range zero below stays unallocated, reading through.
+    if (flags.allocate && this.header.version === 2) throw notSupported('zero clusters in a compat=0.10 image');
     const cs = this.clusterSize;
     const unit = this.subclusterSize;
     const mayUnmap = Boolean(flags.mayUnmap);
