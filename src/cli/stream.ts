@@ -5,7 +5,7 @@ import type { Argv } from 'yargs';
 import { openImage } from '../block/open.js';
 import { controlSocketPath } from '../export/control.js';
 import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
-import { VdiskError, type ErrorCode } from '../errors.js';
+import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { formatSize } from './util.js';
 
@@ -27,14 +27,20 @@ export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs> {
     .epilogue('Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job.') as unknown as Argv<StreamArgs & HttpArgs>;
 }
 
+/** At most this often a new progress line (without a terminal, each one is a line of output). */
+const PROGRESS_INTERVAL_MS = 200;
+
 class ProgressBar {
   private readonly started = Date.now();
   private readonly enabled: boolean;
+  private last = 0;
   constructor(enabled: boolean) {
     this.enabled = enabled;
   }
   update(p: StreamProgress): void {
     if (!this.enabled) return;
+    if (Date.now() - this.last < PROGRESS_INTERVAL_MS && p.done < p.total) return;
+    this.last = Date.now();
     const pct = p.total ? (100 * p.done) / p.total : 100;
     const secs = Math.max(0.001, (Date.now() - this.started) / 1000);
     const width = 30;
@@ -66,29 +72,41 @@ async function viaMount(args: StreamArgs, socketPath: string, bar: ProgressBar):
     s.once('error', () => resolve(null));
   });
   if (!sock) return null;
-  const onSignal = () => sock.destroy();
+  // Closing the connection is what stops the job in the mount process.
+  let interrupted = false;
+  const onSignal = () => {
+    interrupted = true;
+    sock.destroy();
+  };
   process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     sock.write(`${JSON.stringify({ op: 'stream', dropBacking: args['drop-backing'] })}\n`);
     let buf = '';
     let result: StreamResult | null = null;
-    let error: { code: ErrorCode; message: string } | null = null;
+    let error: { code: string; message: string } | null = null;
     let last: StreamProgress = { done: 0, total: 0, copied: 0 };
-    for await (const chunk of sock) {
-      buf += (chunk as Buffer).toString();
-      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-        const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: ErrorCode; message: string };
-        buf = buf.slice(nl + 1);
-        if (msg.type === 'progress') bar.update((last = msg));
-        else if (msg.type === 'done') result = msg;
-        else if (msg.type === 'error') error = msg;
+    try {
+      for await (const chunk of sock) {
+        buf += (chunk as Buffer).toString();
+        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+          const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: string; message: string };
+          buf = buf.slice(nl + 1);
+          if (msg.type === 'progress') bar.update((last = msg));
+          else if (msg.type === 'done') result = msg;
+          else if (msg.type === 'error') error = msg;
+        }
       }
+    } catch (err) {
+      if (!interrupted) throw err;
     }
-    if (error) throw new VdiskError(error.code, error.message);
+    // Any code the mount reports (it may be a system one, not in our table) is passed on as it is.
+    if (error) throw Object.assign(new Error(error.message), { code: error.code });
     // The connection closed without an answer: we were interrupted.
     return result ?? { ...last, droppedBacking: false, interrupted: true };
   } finally {
     process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
   }
 }
 

@@ -30,7 +30,9 @@ export interface ControlRequest {
 export class ControlServer {
   private readonly server: net.Server;
   readonly path: string;
-  private running = false;
+  /** The job running, and how to stop it: closing the mount must not wait for a whole stream. */
+  private job: { abort: AbortController; done: Promise<void> } | null = null;
+  private readonly sockets = new Set<net.Socket>();
 
   private constructor(server: net.Server, socketPath: string) {
     this.server = server;
@@ -56,6 +58,8 @@ export class ControlServer {
     let buf = '';
     const send = (msg: object) => sock.writable && sock.write(`${JSON.stringify(msg)}\n`);
     sock.on('error', () => undefined);
+    this.sockets.add(sock);
+    sock.on('close', () => this.sockets.delete(sock));
     sock.on('data', (d) => {
       buf += d.toString();
       const nl = buf.indexOf('\n');
@@ -75,36 +79,43 @@ export class ControlServer {
         sock.end();
         return;
       }
-      if (this.running) {
+      // A job whose client went away (Ctrl-C) is still finishing its step: the new one starts after it.
+      if (this.job && !this.job.abort.signal.aborted) {
         send({ type: 'error', code: 'EBUSY', message: 'a stream job is already running on this image' });
         sock.end();
         return;
       }
-      this.running = true;
+      const stopping = this.job?.done;
       const abort = new AbortController();
       sock.on('close', () => abort.abort());
       trace('stream requested dropBacking=%s', Boolean(req.dropBacking));
-      let last = 0;
-      streamImage(top, {
-        dropBacking: Boolean(req.dropBacking),
-        signal: abort.signal,
-        onProgress: (p) => {
-          if (Date.now() - last < 200 && p.done < p.total) return;
-          last = Date.now();
-          send({ type: 'progress', ...p });
-        },
-      })
-        .then((r) => send({ type: 'done', ...r }))
-        .catch((err: unknown) => send({ type: 'error', code: codeOf(err), message: (err as Error).message }))
-        .finally(() => {
-          this.running = false;
+      const job = { abort, done: Promise.resolve() };
+      this.job = job;
+      job.done = (async () => {
+        await stopping;
+        try {
+          if (abort.signal.aborted) return;
+          const r = await streamImage(top, { dropBacking: Boolean(req.dropBacking), signal: abort.signal, onProgress: (p) => send({ type: 'progress', ...p }) });
+          send({ type: 'done', ...r });
+        } catch (err) {
+          send({ type: 'error', code: codeOf(err), message: (err as Error).message });
+        } finally {
+          if (this.job === job) this.job = null;
           sock.end();
-        });
+        }
+      })();
     });
   }
 
+  /** Stop a running job (it stops at a step boundary, resumable), then the server. */
   async close(): Promise<void> {
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    if (this.job) {
+      this.job.abort.abort();
+      await this.job.done;
+    }
+    for (const sock of this.sockets) sock.destroy();
+    await closed;
     fs.rmSync(this.path, { force: true });
   }
 }

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 
-export async function freePort(): Promise<number> {
+async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
     s.on('error', reject);
@@ -74,6 +74,8 @@ http {
     listen 127.0.0.1:${port}${tls ? ' ssl' : ''};
     ${tls ? `ssl_certificate ${tls.cert}; ssl_certificate_key ${tls.key};` : ''}
     root ${root};
+    # The same files, slowly: for jobs that must still be running when a test stops them.
+    location /slow/ { alias ${root}/; limit_rate 4m; }
   }
 }
 `,
@@ -83,8 +85,9 @@ http {
     return new Nginx(port, dir, proc, Boolean(tls));
   }
 
-  url(file: string): string {
-    return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}/${file}`;
+  /** `slow`: the file at 4 MB/s per connection. */
+  url(file: string, slow = false): string {
+    return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}/${slow ? 'slow/' : ''}${file}`;
   }
 
   /** Body bytes sent so far, from the access log. */

@@ -25,9 +25,9 @@ afterAll(async () => {
   await nginx?.stop();
 });
 
-function create(name: string): string {
+function create(name: string, slow = false): string {
   const image = path.join(dir, `${name}.qcow2`);
-  const r = vdisk(['create', '-f', 'qcow2', '-b', nginx.url('disk.raw'), '-F', 'raw', image]);
+  const r = vdisk(['create', '-f', 'qcow2', '-b', nginx.url('disk.raw', slow), '-F', 'raw', image]);
   expect(r.status, r.stderr).toBe(0);
   return image;
 }
@@ -68,6 +68,43 @@ describe('vdisk stream', () => {
     expect(again.status, again.stderr).toBe(0);
     const result = JSON.parse(again.stdout) as { copied: number; total: number };
     expect(result.copied).toBeLessThan(SIZE);
+    standsAlone(image);
+  });
+
+  it('on a mounted image, Ctrl-C on the client and stopping the mount each interrupt the job, which resumes', async () => {
+    const image = create('mounted-stop', true); // still streaming when it is stopped
+    const m = await Mount.start(image, `${image}.mnt`);
+    /** Start `vdisk stream -p` against the mount; resolves once it has copied something. */
+    const startClient = async () => {
+      const child = spawn(process.execPath, [CLI, 'stream', '-p', '--drop-backing', image], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const out = { err: '' };
+      const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
+      await new Promise<void>((resolve) => {
+        child.stderr.on('data', (d: Buffer) => {
+          out.err += d.toString();
+          if (/copied [1-9]/.test(out.err)) resolve();
+        });
+        void exited.then(() => resolve());
+      });
+      return { child, out, exited };
+    };
+    try {
+      const first = await startClient();
+      first.child.kill('SIGINT');
+      expect(await first.exited, first.out.err).toBe(130);
+      expect(first.out.err).toMatch(/interrupted at .*%: run it again to resume/);
+      // Stopping the mount stops the job it runs for a client, rather than finishing it first.
+      const second = await startClient();
+      expect(await m.stop()).toBe(0);
+      expect(await second.exited, second.out.err).toBe(130);
+      expect(second.out.err).toMatch(/interrupted at .*%/);
+    } finally {
+      await m.stop();
+    }
+    expect(sh(`qemu-img info ${image}`).stdout).toMatch(/backing file/);
+    const again = vdisk(['stream', '--drop-backing', '--output', 'json', image]);
+    expect(again.status, again.stderr).toBe(0);
+    expect((JSON.parse(again.stdout) as { copied: number }).copied).toBeLessThan(SIZE);
     standsAlone(image);
   });
 
