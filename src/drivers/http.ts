@@ -2,11 +2,11 @@
  * http(s): a read-only remote image over range requests (undici, one
  * keep-alive connection pool per image).
  *
- * - Size from HEAD, or from the Content-Range of a `Range: bytes=0-0` GET when
- *   HEAD is refused. A server that ignores Range is refused at open: vdisk never
- *   downloads a whole image by accident.
- * - Every range request carries the validator seen at open (If-Range with the
- *   ETag, else Last-Modified): a changed file answers 200 instead of 206 and the
+ * - Size from the Content-Range of a `Range: bytes=0-0` GET at open. A server
+ *   that ignores Range is refused there: vdisk never downloads a whole image by
+ *   accident.
+ * - Every range request carries the validator seen at open (If-Range with a
+ *   strong ETag, else Last-Modified): a changed file answers 200 instead of 206 and the
  *   read fails with EIO. Old and new data are never mixed.
  * - Sequential reads grow a readahead window (twice what the stream has read,
  *   reset by a seek) that is kept on its way ahead of the reader, in pieces
@@ -19,6 +19,7 @@
  *   messages or traces; neither does the query string.
  */
 import fs from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, interceptors, type Dispatcher } from 'undici';
 import type { BlockDriver } from '../block/driver.js';
 import { VdiskError } from '../errors.js';
@@ -201,6 +202,8 @@ export class HttpDriver implements BlockDriver {
   private streamBytes = 0;
   private window: number;
   private closed = false;
+  /** Aborted by close(): a retry waiting out its backoff must not hold the process up. */
+  private readonly closing = new AbortController();
 
   private constructor(url: URL, options: HttpOptions) {
     this.options = { ...DEFAULTS, ...options };
@@ -252,48 +255,35 @@ export class HttpDriver implements BlockDriver {
     return this.bytes;
   }
 
-  /** Size and validator; refuse servers that cannot do ranges. */
+  /**
+   * Size, validator, and whether ranges work, all from one `Range: bytes=0-0`
+   * GET. (A HEAD would not do: signed URLs are often signed for GET only, and
+   * a HEAD answer need not carry the length.)
+   */
   private async probe(): Promise<void> {
-    let acceptRanges = false;
-    const head = await this.withRetries('HEAD', async () => {
-      const res = await this.dispatcher.request({ origin: this.url.origin, path: this.path, method: 'HEAD', headers: this.headers });
-      await res.body.dump();
+    const res = await this.withRetries('GET bytes=0-0', async () => {
+      const r = await this.dispatcher.request({ origin: this.url.origin, path: this.path, method: 'GET', headers: { ...this.headers, range: 'bytes=0-0' } });
       this.stats.requests++;
-      if (res.statusCode >= 500 || res.statusCode === 429) throw new RetryableError(`HTTP ${res.statusCode}`, parseRetryAfter(res.headers['retry-after']));
-      return res;
+      if (r.statusCode >= 500 || r.statusCode === 429) {
+        await r.body.dump();
+        throw new RetryableError(`HTTP ${r.statusCode}`, parseRetryAfter(r.headers['retry-after']));
+      }
+      return r;
     });
-    if (head.statusCode === 200) {
-      const len = Number(header(head.headers, 'content-length'));
-      if (Number.isSafeInteger(len) && len >= 0) this.bytes = len;
-      acceptRanges = header(head.headers, 'accept-ranges')?.toLowerCase() === 'bytes';
-      this.validator = header(head.headers, 'etag') ?? header(head.headers, 'last-modified') ?? null;
-    } else if (head.statusCode === 404 || head.statusCode === 410) {
-      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `${this.name}: HTTP ${head.statusCode}`);
-    } else if (head.statusCode === 401 || head.statusCode === 403) {
-      throw new VdiskError('EACCES', `${this.name}: HTTP ${head.statusCode} (credentials? --header 'Authorization: ...')`);
-    }
-    if (!acceptRanges || head.statusCode !== 200) {
-      // HEAD refused or silent about ranges: one byte tells both the size and whether ranges work.
-      const res = await this.withRetries('GET bytes=0-0', async () => {
-        const r = await this.dispatcher.request({ origin: this.url.origin, path: this.path, method: 'GET', headers: { ...this.headers, range: 'bytes=0-0' } });
-        this.stats.requests++;
-        if (r.statusCode >= 500 || r.statusCode === 429) {
-          await r.body.dump();
-          throw new RetryableError(`HTTP ${r.statusCode}`, parseRetryAfter(r.headers['retry-after']));
-        }
-        return r;
-      });
-      // Never read a 200 body here: it would be the whole image.
-      await res.body.dump({ limit: 0 }).catch(() => undefined);
-      if (res.statusCode === 200) throw new VdiskError('ERR_HTTP_NO_RANGES', `${this.name}: the server ignores Range requests; vdisk will not download the whole image`);
-      if (res.statusCode === 404 || res.statusCode === 410) throw new VdiskError('ERR_IMAGE_NOT_FOUND', `${this.name}: HTTP ${res.statusCode}`);
-      if (res.statusCode !== 206) throw new VdiskError('ERR_HTTP', `${this.name}: HTTP ${res.statusCode} to a range request`);
-      const total = /\/(\d+)\s*$/.exec(header(res.headers, 'content-range') ?? '')?.[1];
-      if (total === undefined) throw new VdiskError('ERR_HTTP', `${this.name}: a 206 answer without the total size in Content-Range`);
-      this.bytes = Number(total);
-      this.validator ??= header(res.headers, 'etag') ?? header(res.headers, 'last-modified') ?? null;
-    }
-    if (!this.validator) trace('%s has neither ETag nor Last-Modified: changes cannot be detected', this.name);
+    // Never read a 200 body here: it would be the whole image.
+    await res.body.dump({ limit: 0 }).catch(() => undefined);
+    const status = res.statusCode;
+    if (status === 200) throw new VdiskError('ERR_HTTP_NO_RANGES', `${this.name}: the server ignores Range requests; vdisk will not download the whole image`);
+    if (status === 404 || status === 410) throw new VdiskError('ERR_IMAGE_NOT_FOUND', `${this.name}: HTTP ${status}`);
+    if (status === 401 || status === 403) throw new VdiskError('EACCES', `${this.name}: HTTP ${status} (credentials? --header 'Authorization: ...')`);
+    if (status !== 206) throw new VdiskError('ERR_HTTP', `${this.name}: HTTP ${status} to a range request`);
+    const total = /\/(\d+)\s*$/.exec(header(res.headers, 'content-range') ?? '')?.[1];
+    if (total === undefined) throw new VdiskError('ERR_HTTP', `${this.name}: a 206 answer without the total size in Content-Range`);
+    this.bytes = Number(total);
+    // If-Range takes a strong ETag only (RFC 9110 13.1.5): a weak one gives way to Last-Modified.
+    const etag = header(res.headers, 'etag');
+    this.validator = (etag && !etag.startsWith('W/') ? etag : undefined) ?? header(res.headers, 'last-modified') ?? null;
+    if (!this.validator) trace('%s has neither a strong ETag nor Last-Modified: changes cannot be detected', this.name);
     trace('open url=%s size=%d validator=%s', this.name, this.bytes, this.validator);
   }
 
@@ -328,7 +318,9 @@ export class HttpDriver implements BlockDriver {
         }
         this.stats.retries++;
         trace('retry %s in %d ms: %s', what, wait, (err as Error).message);
-        await new Promise((resolve) => setTimeout(resolve, wait));
+        await sleep(wait, undefined, { signal: this.closing.signal }).catch(() => {
+          throw new VdiskError('ECANCELED', `${this.name}: closed`);
+        });
         delay = Math.min(delay * 2, 5_000);
       }
     }
@@ -520,6 +512,7 @@ export class HttpDriver implements BlockDriver {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.closing.abort();
     // Every read has been answered by now: what is still on its way is readahead
     // nobody will use, and a slow server must not hold up the exit.
     await this.dispatcher.destroy().catch(() => undefined);

@@ -18,14 +18,16 @@ export interface FaultServerOptions {
   auth?: string;
   /** Serve under /redirect a 302 to /image. */
   redirect?: boolean;
+  /** A weak ETag (W/"..."), which never matches an If-Range. */
+  weakEtag?: boolean;
 }
 
 export class FaultServer {
   readonly server: http.Server;
   port = 0;
-  etag = '"v1"';
+  etag: string;
+  lastModified = 'Sat, 21 Nov 2026 10:00:00 GMT';
   data: Buffer;
-  rangeGets = 0;
   /** Every range GET answered, in order: [start, end] inclusive. */
   readonly gets: Array<[number, number]> = [];
   /** Answers whose second half is held back until release(). */
@@ -37,6 +39,7 @@ export class FaultServer {
 
   constructor(private readonly options: FaultServerOptions) {
     this.data = options.data;
+    this.etag = options.weakEtag ? 'W/"v1"' : '"v1"';
     this.faultsLeft = options.times ?? Infinity;
     this.server = http.createServer((req, res) => this.handle(req, res));
     this.server.on('connection', (s) => {
@@ -54,7 +57,8 @@ export class FaultServer {
   /** The file changes: new contents and a new ETag. */
   change(): void {
     this.data = Buffer.from(this.data).fill(0xee, 0, Math.min(this.data.length, 1 << 20));
-    this.etag = '"v2"';
+    this.etag = this.options.weakEtag ? 'W/"v2"' : '"v2"';
+    this.lastModified = 'Sat, 21 Nov 2026 11:00:00 GMT';
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
@@ -68,7 +72,7 @@ export class FaultServer {
       return;
     }
     const fault = this.options.fault ?? 'none';
-    const headers = { etag: this.etag, 'accept-ranges': fault === 'ignore-range' ? 'none' : 'bytes' };
+    const headers = { etag: this.etag, 'last-modified': this.lastModified, 'accept-ranges': fault === 'ignore-range' ? 'none' : 'bytes' };
     if (req.method === 'HEAD') {
       if (fault === 'no-head') {
         res.writeHead(405).end();
@@ -84,14 +88,14 @@ export class FaultServer {
       return;
     }
     const ifRange = req.headers['if-range'];
-    if (ifRange && ifRange !== this.etag) {
+    // Strong comparison, as RFC 9110 asks: a weak tag never matches.
+    if (ifRange && (ifRange.startsWith('W/') || (ifRange !== this.etag && ifRange !== this.lastModified))) {
       res.writeHead(200, { ...headers, 'content-length': this.data.length });
       res.end(this.data);
       return;
     }
     const start = Number(m[1]);
     const end = Math.min(Number(m[2]), this.data.length - 1);
-    this.rangeGets++;
     this.gets.push([start, end]);
     const body = this.data.subarray(start, end + 1);
     const faulty = start > 0 || end > 0 ? this.faultsLeft-- > 0 : false; // the 0-0 size probe is never faulted

@@ -178,8 +178,9 @@ describe('HTTP backing with a misbehaving server', () => {
       } finally {
         expect(await m.stop()).toBe(0);
       }
-      // Each GET is cut halfway; each retry starts where the previous one was cut.
-      expect(srv.gets).toEqual([
+      // The open's one-byte probe, then: each GET is cut halfway; each retry starts where the previous one was cut.
+      expect(srv.gets[0]).toEqual([0, 0]);
+      expect(srv.gets.slice(1)).toEqual([
         [5 * MiB, 5 * MiB + 128 * 1024 - 1],
         [5 * MiB + 64 * 1024, 5 * MiB + 128 * 1024 - 1],
         [5 * MiB + 96 * 1024, 5 * MiB + 128 * 1024 - 1],
@@ -228,6 +229,22 @@ describe('HTTP backing with a misbehaving server', () => {
       }
       expect(m.stderr).toMatch(/remote image changed since it was opened/);
     });
+  });
+
+  it('a weak ETag is not used as If-Range (a strict server would answer 200 to every read): Last-Modified is', async () => {
+    const srv = new FaultServer({ data, weakEtag: true });
+    const url = await srv.start();
+    try {
+      const { m, mnt } = await overlayOn(url, 'weak-etag', ['--direct-io']);
+      try {
+        expect((await read(mnt, 3 * MiB, 256 * 1024, true)).equals(data.subarray(3 * MiB, 3 * MiB + 256 * 1024))).toBe(true);
+      } finally {
+        expect(await m.stop()).toBe(0);
+      }
+      expect(srv.gets.length).toBeGreaterThan(1);
+    } finally {
+      await srv.stop();
+    }
   });
 
   it('a server that ignores Range is refused at open, without downloading the image', async () => {
