@@ -69,23 +69,17 @@ export async function preadv(node: BlockNode, offset: number, bytes: number, iov
   node.incInFlight();
   const pad = computePadding(offset, bytes, node.limits.requestAlignment);
   const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'read');
-  const trailing: Promise<void>[] = [];
+  let trailing: Promise<void>[] | null = null;
   try {
     if (node.copyOnRead && node.backing && !node.readOnly) {
-      await copyOnReadv(node, req, offset, bytes, iov, trailing);
+      await copyOnReadv(node, req, offset, bytes, iov, (trailing = []));
       return;
     }
     await node.tracker.waitSerialising(req);
-    if (!pad) {
-      await alignedPreadv(node, offset, bytes, iov);
-    } else {
-      // Head and tail land in scratch buffers; the caller's buffers get the middle.
-      const padded = [...(pad.head ? [Buffer.allocUnsafe(pad.head)] : []), ...iov, ...(pad.tail ? [Buffer.allocUnsafe(pad.tail)] : [])];
-      await alignedPreadv(node, pad.offset, pad.bytes, padded);
-    }
+    await readAligned(node, offset, bytes, iov, pad);
   } finally {
     // Copies still on their way keep the request in flight, and serialising, until they land.
-    if (trailing.length === 0) endRequest(node, req);
+    if (!trailing?.length) endRequest(node, req);
     else void Promise.all(trailing).then(() => endRequest(node, req));
   }
 }
@@ -219,13 +213,11 @@ export async function copyFromBacking(node: BlockNode, offset: number, bytes: nu
   }
 }
 
-/** Read an arbitrary (possibly unaligned) range from the driver, padding through a bounce buffer. */
-async function readAligned(node: BlockNode, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
-  const pad = computePadding(offset, bytes, node.limits.requestAlignment);
+/** Read a possibly unaligned range from the driver: head and tail padding land in scratch buffers, the caller's buffers get the middle. */
+async function readAligned(node: BlockNode, offset: number, bytes: number, iov: Buffer[], pad = computePadding(offset, bytes, node.limits.requestAlignment)): Promise<void> {
   if (!pad) return alignedPreadv(node, offset, bytes, iov);
-  const bounce = Buffer.allocUnsafe(pad.bytes);
-  await alignedPreadv(node, pad.offset, pad.bytes, [bounce]);
-  copyInto(iov, bounce.subarray(pad.head, pad.head + bytes));
+  const padded = [...(pad.head ? [Buffer.allocUnsafe(pad.head)] : []), ...iov, ...(pad.tail ? [Buffer.allocUnsafe(pad.tail)] : [])];
+  await alignedPreadv(node, pad.offset, pad.bytes, padded);
 }
 
 function copyInto(iov: Buffer[], src: Buffer): void {
