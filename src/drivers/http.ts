@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, interceptors, type Dispatcher } from 'undici';
 import type { BlockDriver } from '../block/driver.js';
+import { iovSlice } from '../block/iov.js';
 import { VdiskError } from '../errors.js';
 import { tracer } from '../trace.js';
 
@@ -424,8 +425,8 @@ export class HttpDriver implements BlockDriver {
     return this.ranges.find((r) => r.start <= pos && pos < r.end);
   }
 
-  /** Start a fetch of [start, end) and return `end`; later reads find the range at once. */
-  private startRange(start: number, end: number): number {
+  /** Start a fetch of [start, end); later reads find the range at once. */
+  private startRange(start: number, end: number): RangeBuffer {
     if (trace.enabled) trace('fetch %d-%d (window %d)', start, end - 1, this.window);
     const range = new RangeBuffer(start, end);
     this.ranges.push(range);
@@ -444,7 +445,7 @@ export class HttpDriver implements BlockDriver {
       kept -= this.ranges[i]!.length;
       this.ranges.splice(i, 1);
     }
-    return end;
+    return range;
   }
 
   /** Where a new range from `pos` ends: at `want`, the image end, or the next range, whichever is first. */
@@ -474,8 +475,7 @@ export class HttpDriver implements BlockDriver {
     // The ranges holding this read: gaps are fetched now, at least the minimum window each.
     const mine: RangeBuffer[] = [];
     for (let pos = offset; pos < end; ) {
-      if (!this.rangeAt(pos)) this.startRange(pos, this.gapEnd(pos, Math.max(end, pos + this.options.readaheadMinBytes)));
-      const range = this.rangeAt(pos)!;
+      const range = this.rangeAt(pos) ?? this.startRange(pos, this.gapEnd(pos, Math.max(end, pos + this.options.readaheadMinBytes)));
       mine.push(range);
       pos = range.end;
     }
@@ -484,27 +484,17 @@ export class HttpDriver implements BlockDriver {
     if (sequential) {
       const piece = Math.min(Math.max(this.window / 2, this.options.readaheadMinBytes), READAHEAD_PIECE_BYTES);
       const limit = Math.min(this.bytes, end + this.window);
-      for (let pos = end; pos < limit; ) pos = this.rangeAt(pos)?.end ?? this.startRange(pos, this.gapEnd(pos, pos + piece));
+      for (let pos = end; pos < limit; ) pos = (this.rangeAt(pos) ?? this.startRange(pos, this.gapEnd(pos, pos + piece))).end;
     }
     // Copy out as the bytes arrive.
-    let bufIndex = 0;
-    let skip = 0;
     for (const range of mine) {
       const from = Math.max(offset, range.start);
       const to = Math.min(end, range.end);
       await range.arrived(to - range.start);
       let src = from - range.start;
-      for (let left = to - from; left > 0; ) {
-        const b = iov[bufIndex]!;
-        const k = Math.min(b.length - skip, left);
-        range.copyTo(b, skip, src, k);
-        src += k;
-        left -= k;
-        skip += k;
-        if (skip === b.length) {
-          bufIndex++;
-          skip = 0;
-        }
+      for (const b of iovSlice(iov, from - offset, to - from)) {
+        range.copyTo(b, 0, src, b.length);
+        src += b.length;
       }
     }
   }
