@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
-import { HttpDriver, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
+import { HttpDriver, displayName, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
 
@@ -62,12 +62,12 @@ export async function probeFormat(file: string): Promise<string> {
 }
 
 /**
- * Where a backing file name recorded in `overlay` points: URLs stay as they are,
- * relative names resolve against the overlay's directory (or URL).
+ * Where a backing file name recorded in `overlay` (a local file: only raw
+ * images are read over HTTP) points: URLs stay as they are, relative names
+ * resolve against the overlay's directory.
  */
 export function resolveBackingPath(overlay: string, name: string): string {
   if (isHttpUrl(name)) return name;
-  if (isHttpUrl(overlay)) return new URL(name, overlay).toString();
   return path.isAbsolute(name) ? name : path.resolve(path.dirname(overlay), name);
 }
 
@@ -76,7 +76,9 @@ interface ChainState {
   depth: number;
 }
 
-async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState, top: boolean): Promise<BlockNode> {
+/** `readOnly` is false only for the top of a chain: backing nodes are never written. */
+async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState): Promise<BlockNode> {
+  const shown = displayName(file);
   let real: string;
   if (isHttpUrl(file)) {
     real = file;
@@ -87,13 +89,13 @@ async function openNode(file: string, format: string, options: OpenOptions, read
       throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
     }
   }
-  if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${file}`);
-  if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${file}`);
+  if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${shown}`);
+  if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${shown}`);
   chain.seen.add(real);
-  const nodeOptions = { name: isHttpUrl(file) ? displayUrl(file) : file, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
+  const nodeOptions = { name: shown, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
   if (isHttpUrl(file)) {
-    if (format !== 'raw') throw new VdiskError('ERR_IMAGE_FORMAT', `${displayUrl(file)}: only raw images (and ISOs) can be read over HTTP`);
-    if (!readOnly) throw new VdiskError('EROFS', `${displayUrl(file)}: HTTP images are read-only (put a qcow2 overlay on top)`);
+    // Opened read-only always (openImage, openBacking): writes need a qcow2 overlay on top.
+    if (format !== 'raw') throw new VdiskError('ERR_IMAGE_FORMAT', `${shown}: only raw images (and ISOs) can be read over HTTP`);
     return new BlockNode(await HttpDriver.open(file, options.http ?? {}), nodeOptions);
   }
   switch (format) {
@@ -118,7 +120,7 @@ async function openNode(file: string, format: string, options: OpenOptions, read
           throw err;
         }
       }
-      const copyOnRead = top && !readOnly && Boolean(drv.backing) && (options.copyOnRead ?? drv.copyOnReadDefault);
+      const copyOnRead = !readOnly && Boolean(drv.backing) && (options.copyOnRead ?? drv.copyOnReadDefault);
       return new BlockNode(drv, { ...nodeOptions, backing: drv.backing, copyOnRead });
     }
     default:
@@ -147,10 +149,10 @@ async function openBacking(overlay: string, name: string, recordedFormat: string
   }
   chain.depth++;
   try {
-    return await openNode(file, format, { ...options, backingFormat: undefined }, true, chain, false);
+    return await openNode(file, format, { ...options, backingFormat: undefined }, true, chain);
   } catch (err) {
     if ((err as { code?: string }).code === 'ERR_IMAGE_NOT_FOUND') {
-      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${isHttpUrl(file) ? displayUrl(file) : file} of ${overlay} not found`);
+      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `backing file ${displayName(file)} of ${overlay} not found`);
     }
     throw err;
   }
@@ -161,7 +163,7 @@ export async function openImage(file: string, options: OpenOptions = {}): Promis
   // URLs are never probed: a remote image is raw unless said otherwise.
   const format = options.format ?? (isHttpUrl(file) ? 'raw' : await probeFormat(file));
   // A remote image on its own is read-only (writes need a qcow2 overlay on top).
-  return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 }, true);
+  return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 });
 }
 
 /** The nodes of a chain, top first. */

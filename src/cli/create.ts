@@ -6,7 +6,7 @@ import { createQcow2, type Qcow2CreateOptions } from '../drivers/qcow2/create.js
 import { VdiskError } from '../errors.js';
 import { parseSize, formatSize } from './util.js';
 import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
-import { displayUrl, isHttpUrl } from '../drivers/http.js';
+import { displayName } from '../drivers/http.js';
 
 export interface CreateArgs {
   file: string;
@@ -116,6 +116,6 @@ export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
   }
   if (size === undefined) throw new VdiskError('ERR_USAGE', 'a size is needed (or a backing file to take it from)');
   await createQcow2(args.file, { ...options, size }, args.force);
-  const b = args.backing ? ` backing_file=${isHttpUrl(args.backing) ? displayUrl(args.backing) : args.backing} backing_fmt=${options.backingFormat}` : '';
+  const b = args.backing ? ` backing_file=${displayName(args.backing)} backing_fmt=${options.backingFormat}` : '';
   process.stdout.write(`Formatting '${args.file}', fmt=qcow2 size=${size} (${formatSize(size)})${b}\n`);
 }

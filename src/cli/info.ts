@@ -5,7 +5,7 @@ import { chainOf, openImage } from '../block/open.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { featureNames } from '../drivers/qcow2/header.js';
-import { displayUrl, isHttpUrl } from '../drivers/http.js';
+import { displayName } from '../drivers/http.js';
 import { formatSize } from './util.js';
 
 export interface InfoArgs {
@@ -49,7 +49,7 @@ export async function describeNode(node: BlockNode): Promise<ImageInfo> {
     info['cluster-size'] = node.driver.clusterSize;
     if (h.backingFile !== null) {
       // A URL may carry credentials or a signed query: never show those.
-      info['backing-filename'] = isHttpUrl(h.backingFile) ? displayUrl(h.backingFile) : h.backingFile;
+      info['backing-filename'] = displayName(h.backingFile);
       if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
       if (node.backing) info['full-backing-filename'] = node.backing.name;
     }

@@ -1,13 +1,13 @@
 /** `vdisk mount`: serve an image as one file until Ctrl-C or `vdisk unmount`. */
 import type { Argv } from 'yargs';
-import { openImage } from '../block/open.js';
+import { chainOf, openImage } from '../block/open.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
 import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
 import fs from 'node:fs/promises';
-import { HttpDriver, isHttpUrl } from '../drivers/http.js';
+import { HttpDriver } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
@@ -18,7 +18,7 @@ export function statsLine(exp: FuseExport, top: BlockNode): string {
   const s = exp.stats;
   let fetched = 0;
   let requests = 0;
-  for (let n: BlockNode | null = top; n; n = n.backing) {
+  for (const n of chainOf(top)) {
     if (n.driver instanceof HttpDriver) {
       fetched += n.driver.stats.bytesFetched;
       requests += n.driver.stats.requests;
@@ -143,7 +143,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
 
   // Other vdisk commands (stream) reach this process through its control socket.
   let control: ControlServer | null = null;
-  if (!isHttpUrl(args.image) && image.driver instanceof Qcow2Driver && !image.readOnly) {
+  if (image.driver instanceof Qcow2Driver && !image.readOnly) {
     control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
       process.stderr.write(`vdisk: warning: no control socket (${(err as Error).message}); vdisk stream cannot reach this mount\n`);
       return null;

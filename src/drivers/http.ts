@@ -81,6 +81,11 @@ export function displayUrl(url: string | URL): string {
   }
 }
 
+/** A file name as it is, a URL as it may be shown (displayUrl). */
+export function displayName(name: string): string {
+  return isHttpUrl(name) ? displayUrl(name) : name;
+}
+
 export function isHttpUrl(name: string): boolean {
   return /^https?:\/\//i.test(name);
 }
