@@ -75,12 +75,9 @@ async function dropBacking(top: BlockNode): Promise<void> {
     if (!st.allocated) throw new VdiskError('EIO', `stream: ${top.name} still lacks data at ${pos}; not dropping the backing file`);
     pos += st.bytes;
   }
+  // Clusters a guest write allocated since the stream's flush must be on disk before the header stops naming the backing file.
   await io.flush(top);
-  drv.header.backingFile = null;
-  drv.header.backingFormat = null;
-  await drv.writeHeader();
-  const old = top.backing;
-  drv.backing = null;
+  const old = await drv.dropBackingFile();
   top.backing = null;
   await old?.close();
   trace('backing file dropped from %s', top.name);

@@ -245,6 +245,20 @@ export class Qcow2Driver implements BlockDriver {
     await io.flush(this.file);
   }
 
+  /**
+   * Stand alone: the header stops naming a backing file, then the link goes.
+   * The caller has made sure nothing reads through any more. Returns the old
+   * backing node, for the caller to close.
+   */
+  async dropBackingFile(): Promise<BlockNode | null> {
+    this.header.backingFile = null;
+    this.header.backingFormat = null;
+    await this.writeHeader();
+    const old = this.backing;
+    this.backing = null;
+    return old;
+  }
+
   size(): number {
     return this.header.size;
   }
