@@ -116,10 +116,13 @@ export class FileDriver implements BlockDriver {
       throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
     }
     // One writer at a time: a second process writing the same image would corrupt it.
-    if (!readOnly && native().flockExclusive(fd) !== 0) {
+    const locked = readOnly ? 0 : native().flockExclusive(fd);
+    if (locked === -osConstants.errno.EWOULDBLOCK) {
       fs.closeSync(fd);
       throw new VdiskError('EBUSY', `${path} is in use by another process (mounted? vdisk stream works on mounted images)`);
     }
+    // A filesystem without locks (ENOLCK on some NFS) is no reason to refuse the image.
+    if (locked !== 0) trace('no lock on %s (errno %d): a second writer would not be refused', path, -locked);
     trace('open path=%s size=%d readOnly=%s', path, st.size, readOnly);
     return new FileDriver(path, fd, st.size, readOnly, options.growable ?? false);
   }
