@@ -22,7 +22,7 @@ cleanup() {
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "build a 64 MiB ISO holding a few files"
+step "build a 60 MiB ISO holding a few files"
 mkdir -p "$work/iso/docs" "$work/iso/data"
 printf 'Hello from inside an ISO served over HTTP.\nOnly the blocks you read cross the network.\n' > "$work/iso/README.TXT"
 for i in 1 2 3; do seq 1 2000 | sed "s/^/chapter $i line /" > "$work/iso/docs/chapter$i.txt"; done
