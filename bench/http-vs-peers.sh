@@ -31,10 +31,12 @@ vdisk() { node "$here/dist/cli/main.js" "$@"; }
 
 work="$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)"
 server=""
+# Lazily unmount whatever is still mounted under $work (a peer that hung or was killed).
+detach_mounts() { for m in "$work"/mnt-*; do grep -q " $m " /proc/mounts && umount -l "$m"; done 2>/dev/null || true; }
 cleanup() {
   # A peer stuck on a request may not exit on a signal: it gets killed.
   [ -n "$server" ] && { kill -KILL "$server" 2>/dev/null; wait "$server" 2>/dev/null; } || true
-  for m in "$work"/mnt-*; do grep -q " $m " /proc/mounts && umount -l "$m"; done 2>/dev/null || true
+  detach_mounts
   nginx_stop
   rm -rf "$work"
 }
@@ -104,7 +106,7 @@ stop_server() { # name; a peer stuck on a request gets 10 s to exit, then is kil
   if kill -0 "$server" 2>/dev/null; then
     echo "bench: $1 did not exit; killed" >&2
     kill -KILL "$server" 2>/dev/null
-    for m in "$work"/mnt-*; do grep -q " $m " /proc/mounts && umount -l "$m"; done 2>/dev/null || true
+    detach_mounts
   fi
   wait "$server" 2>/dev/null || true
   server=""
@@ -159,7 +161,6 @@ printf '\n%-10s %14s %14s %16s %14s %14s %14s\n' "${SIZE_MB} MiB" "1st (MB/s)" "
 cv=$(col curl first)
 cfv=$(col curl-file first)
 vf=$(col vdisk first)
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 for name in vdisk vdisk-pc nbdkit qemu curl curl-file; do
   f=$(col "$name" first); s=$(col "$name" second); b=$(col "$name" bytes1)
   case "$name" in curl*) s=- ;; esac

@@ -60,6 +60,9 @@ alternate_runs() {
   done
 }
 
+# ratio A B: A/B with two decimals (0 when B is 0).
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+
 # Print one table row per "key:label": medians of results[vdisk|qemu,key,run] and their ratio.
 print_rows() {
   local metric key label v q mv mq
@@ -68,6 +71,6 @@ print_rows() {
     v=(); q=()
     for run in $(seq "$RUNS"); do v+=("${results[vdisk,$key,$run]}"); q+=("${results[qemu,$key,$run]}"); done
     mv=$(median "${v[@]}"); mq=$(median "${q[@]}")
-    printf '%-42s %12s %12s %8s\n' "$label" "$mv" "$mq" "$(awk -v a="$mv" -v b="$mq" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+    printf '%-42s %12s %12s %8s\n' "$label" "$mv" "$mq" "$(ratio "$mv" "$mq")"
   done
 }
