@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { BlockNode } from '../../src/block/node.js';
 import { openImage } from '../../src/block/open.js';
-import { BlkdebugDriver } from '../../src/drivers/blkdebug.js';
+import { BlkdebugDriver, type BlkdebugRule } from '../../src/drivers/blkdebug.js';
 import { FileDriver } from '../../src/drivers/file.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { useScratchDir } from '../helpers/env.js';
@@ -24,19 +24,26 @@ useScratchDir({ fuse: false, tools: { 'qemu-img': 'qemu-utils' } }, (d) => (dir 
 
 const SIZE = 8 * MiB;
 
-/** A qcow2 overlay on a raw base, whose backing reads are slowed down by blkdebug. */
-async function overlay(name: string, opts: string): Promise<{ top: BlockNode; base: Buffer; image: string }> {
+/**
+ * A copy-on-read qcow2 overlay (`vdisk create -o opts`) on a raw file holding
+ * `base`, with blkdebug rules on the backing node and on the overlay's own file.
+ */
+async function overlay(
+  name: string,
+  base: Buffer,
+  opts: string,
+  rules: { backing?: BlkdebugRule[]; file?: BlkdebugRule[] } = {},
+): Promise<{ top: BlockNode; image: string }> {
   const baseFile = path.join(dir, `${name}.base`);
-  const base = seededData(SIZE, name.length);
   fs.writeFileSync(baseFile, base);
   const image = path.join(dir, `${name}.qcow2`);
-  expect(vdisk(['create', '-f', 'qcow2', '-o', opts, '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
-  const backingFile = new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile });
-  const slow = new BlockNode(new BlkdebugDriver(backingFile, [{ op: 'read', delayMs: 2 }]), { name: 'slow' });
-  const file = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
+  expect(vdisk(['create', '-f', 'qcow2', ...(opts ? ['-o', opts] : []), '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
+  const withRules = (node: BlockNode, r: BlkdebugRule[] | undefined) => (r ? new BlockNode(new BlkdebugDriver(node, r), { name: `${node.name} (blkdebug)` }) : node);
+  const backing = withRules(new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile }), rules.backing);
+  const file = withRules(new BlockNode(await FileDriver.open(image, { growable: true }), { name: image }), rules.file);
   const drv = await Qcow2Driver.open(file);
-  drv.backing = slow;
-  return { top: new BlockNode(drv, { name: image, backing: slow, copyOnRead: true }), base, image };
+  drv.backing = backing;
+  return { top: new BlockNode(drv, { name: image, backing, copyOnRead: true }), image };
 }
 
 describe('copy-on-read against concurrent writes', () => {
@@ -45,7 +52,9 @@ describe('copy-on-read against concurrent writes', () => {
     ['extended L2, 32k clusters', 'cluster_size=32k,extended_l2=on'],
     ['4k clusters', 'cluster_size=4k'],
   ])('%s: 3000 mixed requests, every written byte survives', async (name, opts) => {
-    const { top, base, image } = await overlay(name.replace(/\W+/g, '-'), opts);
+    const file = name.replace(/\W+/g, '-');
+    const base = seededData(SIZE, file.length);
+    const { top, image } = await overlay(file, base, opts, { backing: [{ op: 'read', delayMs: 2 }] });
     const model = Buffer.from(base);
     const rand = rng(1234);
     const ops: Array<Promise<void>> = [];
@@ -86,19 +95,10 @@ describe('copy-on-read against concurrent writes', () => {
   });
 
   it('copies whole clusters once, zero clusters as zero clusters, and a failed copy does not fail the read', async () => {
-    const baseFile = path.join(dir, 'cor2.base');
     const base = Buffer.alloc(SIZE, 0x61);
     base.fill(0, 2 * MiB, 3 * MiB); // a zero region in the backing file
-    fs.writeFileSync(baseFile, base);
-    const image = path.join(dir, 'cor2.qcow2');
-    expect(vdisk(['create', '-f', 'qcow2', '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
-    const backing = new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile });
-    const hostFile = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
     // The overlay's own file fails writes past 1 MiB with ENOSPC: copies there fail, reads must not.
-    const faulty = new BlockNode(new BlkdebugDriver(hostFile, [{ op: 'write', offset: 1024 * 1024, error: 'ENOSPC' }]), { name: 'faulty' });
-    const drv = await Qcow2Driver.open(faulty);
-    drv.backing = backing;
-    const top = new BlockNode(drv, { name: image, backing, copyOnRead: true });
+    const { top } = await overlay('cor2', base, '', { file: [{ op: 'write', offset: 1024 * 1024, error: 'ENOSPC' }] });
     const a = Buffer.alloc(4096);
     await io.preadv(top, 100, 4096, [a]);
     expect(a.every((b) => b === 0x61)).toBe(true);
@@ -137,17 +137,8 @@ describe('copy-on-read against concurrent writes', () => {
   });
 
   it('a read is answered before its copy lands; a write to that cluster waits for the copy and wins', async () => {
-    const baseFile = path.join(dir, 'trail.base');
-    fs.writeFileSync(baseFile, Buffer.alloc(SIZE, 0x62));
-    const image = path.join(dir, 'trail.qcow2');
-    expect(vdisk(['create', '-f', 'qcow2', '-b', baseFile, '-F', 'raw', image]).status).toBe(0);
-    const backing = new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile });
-    const hostFile = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
     // Every write to the overlay's file takes a while: the copy is still on its way when the read returns.
-    const slowWrites = new BlockNode(new BlkdebugDriver(hostFile, [{ op: 'write', delayMs: 200 }]), { name: 'slow-writes' });
-    const drv = await Qcow2Driver.open(slowWrites);
-    drv.backing = backing;
-    const top = new BlockNode(drv, { name: image, backing, copyOnRead: true });
+    const { top, image } = await overlay('trail', Buffer.alloc(SIZE, 0x62), '', { file: [{ op: 'write', delayMs: 200 }] });
     const buf = Buffer.alloc(MiB);
     await io.preadv(top, 2 * MiB, MiB, [buf]);
     expect(buf.every((b) => b === 0x62)).toBe(true);
