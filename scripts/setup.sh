@@ -14,7 +14,9 @@ need_root() {
 
 # Debian packages: the FUSE library and tools, the native build chain, and the
 # real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl).
-packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils fio ca-certificates nginx-light genisoimage curl openssl)
+# qemu-block-extra is qemu's curl module: qemu-img on an http(s) backing needs it,
+# and --no-install-recommends would otherwise drop it.
+packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils qemu-block-extra fio ca-certificates nginx-light genisoimage curl openssl)
 command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
@@ -34,10 +36,10 @@ if [ ! -e /dev/fuse ]; then
 fi
 
 # npm dependencies (and, through the package's install script, the native addon).
+# npm ci installs exactly the committed lock (which lists every platform's
+# optional packages), so every machine gets the same tree and the clone stays clean.
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  # npm install, not npm ci: npm 11 writes lock files that its own ci then rejects
-  # (platform-specific optional packages); install still honours the lock file.
-  npm install --no-audit --no-fund
+  npm ci --no-audit --no-fund
 fi
 if [ ! -f build/Release/vdisk_fuse.node ] || [ native/vdisk_fuse.c -nt build/Release/vdisk_fuse.node ]; then
   npm run --silent build:native >/dev/null
