@@ -54,6 +54,8 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const MNT_DETACH = 2;
+/** umount2(): do not follow a symlink in the last component (a mount is on the file itself). */
+export const UMOUNT_NOFOLLOW = 8;
 
 let addon: NativeAddon | null = null;
 
