@@ -46,6 +46,8 @@ export interface NativeAddon {
   preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
   /** flock(LOCK_EX|LOCK_NB): 0, or -errno. */
   flockExclusive(fd: number): number;
+  /** SO_PEERCRED of a connected UNIX socket: [pid, uid, gid], or -errno. */
+  peerCredentials(fd: number): [number, number, number] | number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;

@@ -4,7 +4,7 @@ import { chainOf, openImage } from '../block/open.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
-import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
+import { ERROR_TABLE, VdiskError, codeOf, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
 import fs from 'node:fs/promises';
 import { HttpDriver } from '../drivers/http.js';
@@ -145,7 +145,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   let control: ControlServer | null = null;
   if (image.driver instanceof Qcow2Driver && !image.readOnly) {
     control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
-      process.stderr.write(`vdisk: warning: no control socket (${(err as Error).message}); vdisk stream cannot reach this mount\n`);
+      process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream cannot reach this mount\n`);
       return null;
     });
   }

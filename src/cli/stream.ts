@@ -1,9 +1,8 @@
 /** `vdisk stream`: pull everything an image still takes from its backing chain into it. */
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import type { Argv } from 'yargs';
 import { openImage } from '../block/open.js';
-import { controlSocketPath } from '../export/control.js';
+import { connectControl } from '../export/control.js';
 import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
 import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
@@ -65,12 +64,8 @@ function report(args: StreamArgs, r: StreamResult): void {
 }
 
 /** Ask the mount process that holds the image to run the job; null if nobody serves it. */
-async function viaMount(args: StreamArgs, socketPath: string, bar: ProgressBar): Promise<StreamResult | null> {
-  const sock = await new Promise<net.Socket | null>((resolve) => {
-    const s = net.connect(socketPath);
-    s.once('connect', () => resolve(s));
-    s.once('error', () => resolve(null));
-  });
+async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBar): Promise<StreamResult | null> {
+  const sock = await connectControl(imageRealPath);
   if (!sock) return null;
   // Closing the connection is what stops the job in the mount process.
   let interrupted = false;
@@ -118,7 +113,7 @@ export async function runStream(args: StreamArgs & HttpArgs): Promise<void> {
     throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${args.image}`);
   }
   const bar = new ProgressBar(args.progress);
-  const remote = await viaMount(args, controlSocketPath(real), bar);
+  const remote = await viaMount(args, real, bar);
   if (remote) {
     bar.end();
     return report(args, remote);
