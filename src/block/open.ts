@@ -12,6 +12,7 @@ import { HttpDriver, displayName, displayUrl, isHttpUrl, type HttpOptions } from
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
 import { PROBE_BYTES, probeHead } from './probe.js';
+import { confineBacking, type BackingConfinement } from './backing-confine.js';
 
 export const SUPPORTED_FORMATS = ['raw', 'qcow2'] as const;
 /** Deeper chains than this are refused (QEMU allows far more, but nobody needs them). */
@@ -34,6 +35,8 @@ export interface OpenOptions {
   copyOnRead?: boolean;
   /** For http(s) images anywhere in the chain. */
   http?: HttpOptions;
+  /** Backing files must resolve inside this directory (--backing-confine); URLs need its allowRemote. */
+  backingConfine?: BackingConfinement;
   /** Messages worth showing the user (corrupt bit, repaired refcounts). */
   warnings?: string[];
 }
@@ -134,7 +137,9 @@ async function openNode(file: string, format: string, options: OpenOptions, read
 }
 
 async function openBacking(overlay: string, name: string, recordedFormat: string | null, options: OpenOptions, chain: ChainState): Promise<BlockNode> {
-  const file = resolveBackingPath(overlay, name);
+  let file = resolveBackingPath(overlay, name);
+  // Before anything reads the file (probing included).
+  if (options.backingConfine) file = await confineBacking(overlay, name, file, options.backingConfine);
   let format = recordedFormat ?? options.backingFormat;
   if (!format && isHttpUrl(file)) {
     throw new VdiskError('ERR_IMAGE_FORMAT', `${overlay} does not record the format of its backing ${displayUrl(file)}; give it explicitly (-F raw)`);
