@@ -104,6 +104,8 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs & ConfineArgs> 
 
 export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promise<void> {
   const confine = confineFromArgs(args);
+  // Options first: a usage error must not come after the image was opened (and warned about).
+  const faults = args.inject.map(parseInjectRule);
   // The mountpoint first: a clearer error than the image lock when it is mounted already.
   await checkMountpoint(args.mountpoint);
   const warnings: string[] = [];
@@ -129,7 +131,7 @@ export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promis
     const how = directIo ? 'direct I/O; --no-direct-io keeps a page cache' : 'page cache on';
     process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name} (${how})\n`);
   }
-  const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
+  const node = faults.length ? withFaults(image, faults) : image;
   let exp: FuseExport;
   try {
     exp = await FuseExport.start(node, {
