@@ -60,7 +60,7 @@ async function fakeServer(name: string): Promise<string> {
     const net = require('node:net');
     net.createServer((s) => s.once('data', () => s.end(JSON.stringify({ type: 'done', done: 1, total: 1, copied: 1, droppedBacking: true, interrupted: false }) + '\\n')))
       .listen(process.argv[1], () => console.log('listening'));`;
-  const proc = spawn(process.execPath, ['-e', script, sock], { uid: NOBODY, gid: NOBODY, stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(process.execPath, ['-e', script, sock], { cwd: '/', uid: NOBODY, gid: NOBODY, stdio: ['ignore', 'pipe', 'inherit'] });
   fakes.push(proc);
   await new Promise<void>((resolve, reject) => {
     proc.stdout!.once('data', () => resolve());
