@@ -31,6 +31,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include <uv.h>
+#include "vdisk_peercred.h"
 
 /* ---- N-API error checking (in the style of node's js-native-api common.h) ---- */
 
@@ -989,6 +990,7 @@ static napi_value init(napi_env env, napi_value exports) {
     NAPI_CALL(env, napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &fn));
     NAPI_CALL(env, napi_set_named_property(env, exports, fns[i].name, fn));
   }
+  NAPI_CALL(env, vdisk_register_peercred(env, exports));
   return exports;
 }
 

@@ -35,6 +35,9 @@ export const ERROR_TABLE = {
   ERR_HTTP_TLS: { errno: E.EIO, message: "the HTTPS server's certificate is not trusted" },
   ERR_REMOTE_CHANGED: { errno: E.EIO, message: 'the remote image changed since it was opened' },
   ERR_NATIVE_ADDON: { errno: E.ENOSYS, message: 'the native addon is not built' },
+  ERR_UNSAFE_PATH: { errno: E.EACCES, message: 'a directory is not safe to use: a symlink, or owned or writable by another user' },
+  ERR_CONTROL_PEER: { errno: E.EACCES, message: 'the control socket is served by another user' },
+  ERR_BACKING_CONFINED: { errno: E.EACCES, message: 'a backing file lies outside --backing-confine, or is remote without --allow-remote' },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_TABLE;

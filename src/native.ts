@@ -46,6 +46,8 @@ export interface NativeAddon {
   preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
   /** flock(LOCK_EX|LOCK_NB): 0, or -errno. */
   flockExclusive(fd: number): number;
+  /** SO_PEERCRED of a connected UNIX socket: [pid, uid, gid], or -errno. */
+  peerCredentials(fd: number): [number, number, number] | number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -54,6 +56,8 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const MNT_DETACH = 2;
+/** umount2(): do not follow a symlink in the last component (a mount is on the file itself). */
+export const UMOUNT_NOFOLLOW = 8;
 
 let addon: NativeAddon | null = null;
 

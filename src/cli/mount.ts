@@ -4,7 +4,7 @@ import { chainOf, openImage } from '../block/open.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
-import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
+import { ERROR_TABLE, VdiskError, codeOf, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
 import fs from 'node:fs/promises';
 import { HttpDriver } from '../drivers/http.js';
@@ -12,6 +12,7 @@ import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
 export function statsLine(exp: FuseExport, top: BlockNode): string {
@@ -70,8 +71,8 @@ export interface MountArgs {
   'copy-on-read'?: boolean;
 }
 
-export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
-  return withHttpOptions(y)
+export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs & ConfineArgs> {
+  return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
@@ -98,10 +99,13 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
       nargs: 1,
       default: [],
       describe: 'fault injection for testing: OP:CODE[@OFFSET[+BYTES]][*COUNT], OP one of read|write|zero|discard|flush|status, e.g. read:EIO@1048576+4096',
-    }) as unknown as Argv<MountArgs & HttpArgs>;
+    }) as unknown as Argv<MountArgs & HttpArgs & ConfineArgs>;
 }
 
-export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
+export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promise<void> {
+  const confine = confineFromArgs(args);
+  // Options first: a usage error must not come after the image was opened (and warned about).
+  const faults = args.inject.map(parseInjectRule);
   // The mountpoint first: a clearer error than the image lock when it is mounted already.
   await checkMountpoint(args.mountpoint);
   const warnings: string[] = [];
@@ -111,6 +115,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     discard: args.discard,
     warnings,
     ...imageOpenOptions(args),
+    ...confine,
     l2CacheBytes: args['l2-cache-size'] === undefined ? undefined : parseSize(args['l2-cache-size']),
     copyOnRead: args['copy-on-read'],
   });
@@ -126,7 +131,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     const how = directIo ? 'direct I/O; --no-direct-io keeps a page cache' : 'page cache on';
     process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name} (${how})\n`);
   }
-  const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
+  const node = faults.length ? withFaults(image, faults) : image;
   let exp: FuseExport;
   try {
     exp = await FuseExport.start(node, {
@@ -145,7 +150,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   let control: ControlServer | null = null;
   if (image.driver instanceof Qcow2Driver && !image.readOnly) {
     control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
-      process.stderr.write(`vdisk: warning: no control socket (${(err as Error).message}); vdisk stream cannot reach this mount\n`);
+      process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream cannot reach this mount\n`);
       return null;
     });
   }
