@@ -21,6 +21,8 @@ export interface CheckResult {
   imageEndOffset: number;
   totalClusters: number;
   allocatedClusters: number;
+  /** Data clusters that overlap metadata: nothing is repaired while there are any. */
+  overlaps: number;
 }
 
 /** A bounded, growable count per host cluster. */
@@ -49,6 +51,7 @@ interface Walk {
   counts: Counts;
   messages: string[];
   corruptions: number;
+  overlaps: number;
   /** Guest clusters of the active L1 whose COPIED flags need a look: [l2 table offset, index]. */
   active: Array<{ table: number; index: number; host: number; copied: boolean }>;
   activeL2: Array<{ l1Index: number; offset: number; copied: boolean }>;
@@ -57,7 +60,7 @@ interface Walk {
 async function walk(drv: Qcow2Driver): Promise<Walk> {
   const cs = drv.clusterSize;
   const fileSize = Math.max(drv.file.size(), drv.refcounts.fileEnd);
-  const w: Walk = { counts: new Counts(), messages: [], corruptions: 0, active: [], activeL2: [] };
+  const w: Walk = { counts: new Counts(), messages: [], corruptions: 0, overlaps: 0, active: [], activeL2: [] };
   const ref = (offset: number, bytes: number, what: string): boolean => {
     if (offset + bytes > fileSize || offset < 0) {
       w.corruptions++;
@@ -91,6 +94,12 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
             w.corruptions++;
             w.messages.push(`ERROR L2 entry ${j} of table ${offset} has unaligned offset ${e.host}`);
             continue;
+          }
+          const overlap = drv.metadataRanges.find(e.host, cs);
+          if (overlap) {
+            w.corruptions++;
+            w.overlaps++;
+            w.messages.push(`ERROR data cluster of guest cluster ${i * drv.l2Entries + j} at ${e.host} overlaps the ${overlap.kind} at ${overlap.offset}`);
           }
           if (ref(e.host, cs, 'data cluster') && active) w.active.push({ table: offset, index: j, host: e.host, copied: e.copied });
         }
@@ -172,9 +181,16 @@ async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
 
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
 export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
-  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0 };
+  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
   for (let pass = 0; pass < 4; pass++) {
     const w = await walk(drv);
+    result.overlaps = w.overlaps;
+    // Raising refcounts for data that sits on metadata would leave a refcount block
+    // with refcount 2 (qemu-img: broken); rebuilding the structure elsewhere is qemu-img's job.
+    if (w.overlaps && repair !== 'none') {
+      w.messages.push(`Not repairing anything: ${w.overlaps} data clusters overlap metadata (qemu-img check -r all rebuilds the refcount structure)`);
+      repair = 'none';
+    }
     const rc = drv.refcounts;
     const end = Math.max(w.counts.max, Math.ceil(Math.max(drv.file.size(), rc.fileEnd) / drv.clusterSize));
     let leaks = 0;
