@@ -163,6 +163,11 @@ describe('qcow2 metadata overlap', () => {
     expect(m.stderr).toMatch(/the refcount table at \d+ overlaps the L1 table at \d+\): marked corrupt, writes are refused/);
     expect(markedCorrupt(image)).toBe(true);
     ok(`qemu-io -r -c "read -P 0x5a 0 128k" ${image}`);
+    // Repairing refcounts would write them through the aliased tables.
+    const r = vdisk(['check', '-r', 'all', image]);
+    expect(r.stdout, r.stderr).toMatch(/ERROR the refcount table at \d+ overlaps the L1 table.*\nNot repairing anything: metadata tables overlap/);
+    expect(r.status).toBe(2);
+    expect(markedCorrupt(image)).toBe(true);
   });
 
   it('an allocation that would put a new L2 table on the L1 table (refcount 0) marks the image corrupt instead', async () => {
@@ -183,7 +188,17 @@ describe('qcow2 metadata overlap', () => {
     expect(m.stderr).toMatch(/a new cluster at \d+ overlaps the L1 table/);
     expect(markedCorrupt(image)).toBe(true);
     // The L1 table survived: qemu still reads the data through it.
-    ok(`qemu-io -r -c "read -P 0x5a 0 8k" ${image}`);
+    ok(`qemu-io -r -c "read -P 0x5a 0 8k" -c "read -P 0 8M 4k" ${image}`);
+  });
+
+  it('check -r all clears the corrupt bit of an image it finds consistent, as qemu-img check -r all does', () => {
+    const image = sample('corrupt-bit-only.qcow2');
+    patch(image, (b) => b.writeBigUInt64BE(b.readBigUInt64BE(72) | 2n, 72));
+    expect(markedCorrupt(image)).toBe(true);
+    const r = vdisk(['check', '-r', 'all', image]);
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+    expect(markedCorrupt(image)).toBe(false);
+    expect(qemuImgCheck(image).corruptions).toBe(0);
   });
 
   it('metadata ranges grow with the tables, not with references: 64k L1 entries naming one L2 table are one run', async () => {

@@ -182,8 +182,17 @@ async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
 export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
+  // Tables found overlapping at open: a repair would write through them.
+  const tableOverlap = drv.corrupt;
+  const notes = tableOverlap ? [`ERROR ${tableOverlap}`] : [];
+  if (repair !== 'none' && !drv.allowRepair()) {
+    notes.push(`Not repairing anything: ${tableOverlap ? 'metadata tables overlap' : 'the image is opened read-only'}`);
+    repair = 'none';
+  }
   for (let pass = 0; pass < 4; pass++) {
     const w = await walk(drv);
+    w.messages.unshift(...notes);
+    if (tableOverlap) w.corruptions++;
     result.overlaps = w.overlaps;
     // Raising refcounts for data that sits on metadata would leave a refcount block
     // with refcount 2 (qemu-img: broken); rebuilding the structure elsewhere is qemu-img's job.
@@ -261,6 +270,7 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
     // Repairs can allocate refcount blocks: check again until nothing changes.
     if (result.leaksFixed + result.corruptionsFixed === fixesBefore) break;
   }
+  if (repair === 'all' && result.corruptions === result.corruptionsFixed) await drv.markConsistent();
   return result;
 }
 

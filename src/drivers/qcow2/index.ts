@@ -110,6 +110,8 @@ export class Qcow2Driver implements BlockDriver {
   /** Why the image was found corrupt while open (writes are refused from then on), or null. */
   private corruptReason: string | null = null;
   private corruptBitWrite: Promise<void> | null = null;
+  /** Opened read-only only because of the corrupt bit, though writable was asked: a repair may write. */
+  private corruptBitOnly = false;
   private lastDecompressed: { host: number; data: Buffer } | null = null;
 
   private constructor(file: BlockNode, header: Qcow2Header, l1: Buffer, refcounts: Refcounts, l2Cache: TableCache, readOnly: boolean) {
@@ -173,6 +175,7 @@ export class Qcow2Driver implements BlockDriver {
     );
     drv = new Qcow2Driver(file, header, l1, refcounts, l2Cache, readOnly);
     drv.warnings.push(...warnings);
+    drv.corruptBitOnly = !(options.readOnly ?? false) && Boolean(header.incompatibleFeatures & INCOMPAT_CORRUPT);
     drv.validateL1(fileSize);
     await drv.loadMetadataRanges();
     if (!readOnly && !drv.corruptReason) await drv.prepareForWriting();
@@ -209,6 +212,29 @@ export class Qcow2Driver implements BlockDriver {
       await this.corruptBitWrite;
       this.warnings.push(`the image is corrupt (${overlaps[0]}): ${this.ro ? 'only reads are served' : 'marked corrupt, writes are refused'} (vdisk check shows the damage)`);
     }
+  }
+
+  /** Why this open found the image corrupt (an overlap), or null. */
+  get corrupt(): string | null {
+    return this.corruptReason;
+  }
+
+  /**
+   * `check -r`: as with qemu-img check -r, the corrupt bit does not stop a
+   * repair; an overlap found while open does. Returns whether repairs may write.
+   */
+  allowRepair(): boolean {
+    if (this.corruptReason) return false;
+    if (this.corruptBitOnly) this.ro = false;
+    this.corruptBitOnly = false;
+    return !this.ro;
+  }
+
+  /** A repair left nothing to fix: clear the corrupt bit (as qemu-img check -r does). */
+  async markConsistent(): Promise<void> {
+    if (this.ro || this.corruptReason || !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
+    this.header.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    await this.writeHeader();
   }
 
   /**
