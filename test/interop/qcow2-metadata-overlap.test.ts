@@ -125,6 +125,26 @@ describe('qcow2 metadata overlap', () => {
     expect(qemuImgCheck(image).corruptions).toBe(0);
   });
 
+  it('a compressed cluster inside a refcount block: check -r all repairs nothing, qemu-img sees the image as before', () => {
+    const image = path.join(dir, 'compressed-into-refblock.qcow2');
+    ok(`qemu-img create -q -f qcow2 ${image} 64M`);
+    ok(`qemu-io -c "write -c -P 0x5a 0 64k" ${image}`);
+    patch(image, (b) => {
+      const t = layout(b);
+      // 64 KiB clusters: offset in bits 0-53, sector count above it; keep the count, move the offset.
+      const entry = b.readBigUInt64BE(t.l2);
+      expect(entry >> 62n).toBe(1n);
+      b.writeBigUInt64BE((entry & ~((1n << 54n) - 1n)) | BigInt(t.refcountBlock), t.l2);
+    });
+    const before = qemuImgCheck(image);
+    const bytesBefore = fs.readFileSync(image);
+    const r = vdisk(['check', '-r', 'all', image]);
+    expect(r.stdout, r.stderr).toMatch(/ERROR compressed cluster of guest cluster 0 at \d+ overlaps the refcount block/);
+    expect(r.status, r.stdout + r.stderr).toBe(2);
+    expect(qemuImgCheck(image).corruptions, before.output).toBe(before.corruptions);
+    expect(fs.readFileSync(image).equals(bytesBefore)).toBe(true);
+  });
+
   it('an L2 entry into a refcount block: a writable mount answers EIO for that cluster, marks the image corrupt and refuses writes', async () => {
     const image = l2EntryIntoRefcountBlock('l2-into-refblock-mount.qcow2');
     const mnt = `${image}.mnt`;
