@@ -88,6 +88,9 @@ export class MetadataRanges {
    */
   add(offset: number, bytes: number, kind: MetadataKind): Overlap | null {
     const [s, e] = this.clusters(offset, bytes);
+    // Fast path: a shared table named again (L1 entries naming one L2 table).
+    const hit = this.runs[this.firstEndingAfter(s)];
+    if (hit && hit.start <= s && hit.end >= e && hit.kind === kind && SHAREABLE.has(kind)) return null;
     let conflict: Overlap | null = null;
     const gaps: Array<[number, number]> = [];
     let c = s;
