@@ -211,6 +211,26 @@ describe('qcow2 metadata overlap', () => {
     ok(`qemu-io -r -c "read -P 0x5a 0 8k" -c "read -P 0 8M 4k" ${image}`);
   });
 
+  it('a snapshot whose L1 table is the active L1 table: the mount marks the image corrupt and refuses writes', async () => {
+    const image = sample('snapshot-l1-on-l1.qcow2');
+    ok(`qemu-img snapshot -c s1 ${image}`);
+    patch(image, (b) => {
+      const snapshots = Number(b.readBigUInt64BE(64));
+      b.writeBigUInt64BE(BigInt(layout(b).l1), snapshots);
+    });
+    const mnt = `${image}.mnt`;
+    const m = await Mount.start(image, mnt);
+    try {
+      expect(readAt(mnt, 0, 64 * KiB)).toEqual(Buffer.alloc(64 * KiB, 0x5a));
+      // Today this write also rewrites the snapshot's view of guest cluster 0.
+      expect(writeAndSync(mnt, 0, Buffer.alloc(64 * KiB, 0xab))).toBe('EIO');
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    expect(m.stderr).toMatch(/the snapshot L1 table at \d+ overlaps the L1 table at \d+\): marked corrupt, writes are refused/);
+    expect(markedCorrupt(image)).toBe(true);
+  });
+
   it('check -r all clears the corrupt bit of an image it finds consistent, as qemu-img check -r all does', () => {
     const image = sample('corrupt-bit-only.qcow2');
     patch(image, (b) => b.writeBigUInt64BE(b.readBigUInt64BE(72) | 2n, 72));
