@@ -165,6 +165,24 @@ describe('qcow2 metadata overlap', () => {
     expect(again.stderr).toMatch(/marked corrupt: opened read-only/);
   });
 
+  it('an L2 entry into a refcount block on a dirty image: the refcount rebuild at open refuses, marks corrupt, changes nothing else', async () => {
+    const image = l2EntryIntoRefcountBlock('l2-into-refblock-dirty.qcow2');
+    patch(image, (b) => b.writeBigUInt64BE(b.readBigUInt64BE(72) | 1n, 72)); // dirty bit: refcounts are rebuilt on open
+    const before = qemuImgCheck(image);
+    const mnt = `${image}.mnt`;
+    const m = await Mount.start(image, mnt);
+    try {
+      expect(writeAndSync(mnt, 0, Buffer.alloc(64 * KiB, 0xab))).toBe('EIO');
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    expect(m.stderr).toMatch(/the image is corrupt \(data clusters overlap metadata\): marked corrupt, writes are refused/);
+    expect(markedCorrupt(image)).toBe(true);
+    const after = qemuImgCheck(image);
+    expect(after.corruptions, after.output).toBe(before.corruptions);
+    ok(`qemu-io -r -c "read -P 0x5a 0 64k" ${image}`);
+  });
+
   it('a refcount table aliasing the L1 table: the mount refuses writes instead of letting a punch drop fsync\'d data', async () => {
     const image = sample('reftable-on-l1.qcow2');
     patch(image, (b) => b.writeBigUInt64BE(BigInt(layout(b).l1), 48));
