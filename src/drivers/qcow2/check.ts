@@ -21,6 +21,8 @@ export interface CheckResult {
   imageEndOffset: number;
   totalClusters: number;
   allocatedClusters: number;
+  /** Data clusters that overlap metadata: nothing is repaired while there are any. */
+  overlaps: number;
 }
 
 /** A bounded, growable count per host cluster. */
@@ -49,6 +51,7 @@ interface Walk {
   counts: Counts;
   messages: string[];
   corruptions: number;
+  overlaps: number;
   /** Guest clusters of the active L1 whose COPIED flags need a look: [l2 table offset, index]. */
   active: Array<{ table: number; index: number; host: number; copied: boolean }>;
   activeL2: Array<{ l1Index: number; offset: number; copied: boolean }>;
@@ -57,7 +60,7 @@ interface Walk {
 async function walk(drv: Qcow2Driver): Promise<Walk> {
   const cs = drv.clusterSize;
   const fileSize = Math.max(drv.file.size(), drv.refcounts.fileEnd);
-  const w: Walk = { counts: new Counts(), messages: [], corruptions: 0, active: [], activeL2: [] };
+  const w: Walk = { counts: new Counts(), messages: [], corruptions: 0, overlaps: 0, active: [], activeL2: [] };
   const ref = (offset: number, bytes: number, what: string): boolean => {
     if (offset + bytes > fileSize || offset < 0) {
       w.corruptions++;
@@ -66,6 +69,14 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
     }
     for (let c = Math.floor(offset / cs); c < Math.ceil((offset + bytes) / cs); c++) w.counts.add(c);
     return true;
+  };
+  /** Data on metadata: counted apart, because no refcount repair can fix it. */
+  const overlapping = (offset: number, bytes: number, what: string): void => {
+    const o = drv.metadataRanges.find(offset, bytes);
+    if (!o) return;
+    w.corruptions++;
+    w.overlaps++;
+    w.messages.push(`ERROR ${what} at ${offset} overlaps the ${o.kind} at ${o.offset}`);
   };
   const h = drv.header;
   ref(0, cs, 'header');
@@ -85,6 +96,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
         const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
         if (e.compressed) {
           const start = e.compressedOffset - (e.compressedOffset % 512);
+          overlapping(start, e.compressedOffset + e.compressedBytes - start, `compressed cluster of guest cluster ${i * drv.l2Entries + j}`);
           ref(start, e.compressedOffset + e.compressedBytes - start, 'compressed cluster');
         } else if (e.host) {
           if (e.host % cs) {
@@ -92,6 +104,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
             w.messages.push(`ERROR L2 entry ${j} of table ${offset} has unaligned offset ${e.host}`);
             continue;
           }
+          overlapping(e.host, cs, `data cluster of guest cluster ${i * drv.l2Entries + j}`);
           if (ref(e.host, cs, 'data cluster') && active) w.active.push({ table: offset, index: j, host: e.host, copied: e.copied });
         }
       }
@@ -172,9 +185,25 @@ async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
 
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
 export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
-  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0 };
+  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
+  // Tables found overlapping at open: a repair would write through them.
+  const tableOverlap = drv.corrupt;
+  const notes = tableOverlap ? [`ERROR ${tableOverlap}`] : [];
+  if (repair !== 'none' && !drv.allowRepair()) {
+    notes.push(`Not repairing anything: ${tableOverlap ? 'metadata tables overlap' : 'the image is opened read-only'}`);
+    repair = 'none';
+  }
   for (let pass = 0; pass < 4; pass++) {
     const w = await walk(drv);
+    w.messages.unshift(...notes);
+    if (tableOverlap) w.corruptions++;
+    result.overlaps = w.overlaps;
+    // Raising refcounts for data that sits on metadata would leave a refcount block
+    // with refcount 2 (qemu-img: broken); rebuilding the structure elsewhere is qemu-img's job.
+    if (w.overlaps && repair !== 'none') {
+      w.messages.push(`Not repairing anything: ${w.overlaps} data clusters overlap metadata (qemu-img check -r all rebuilds the refcount structure)`);
+      repair = 'none';
+    }
     const rc = drv.refcounts;
     const end = Math.max(w.counts.max, Math.ceil(Math.max(drv.file.size(), rc.fileEnd) / drv.clusterSize));
     let leaks = 0;
@@ -245,6 +274,7 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
     // Repairs can allocate refcount blocks: check again until nothing changes.
     if (result.leaksFixed + result.corruptionsFixed === fixesBefore) break;
   }
+  if (repair === 'all' && result.corruptions === result.corruptionsFixed) await drv.markConsistent();
   return result;
 }
 

@@ -41,6 +41,7 @@ import { Refcounts } from './refcount.js';
 import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
 import { bitmapRanges, repairImage } from './check.js';
+import { loadMetadataRanges, MetadataRanges } from './metadata-ranges.js';
 import { blockStatusAbove } from '../../block/block-status.js';
 
 const trace = tracer('qcow2');
@@ -104,8 +105,13 @@ export class Qcow2Driver implements BlockDriver {
   readonly l2Cache: TableCache;
   readonly refcounts: Refcounts;
   private readonly metaLock = new Mutex();
-  /** Clusters holding active metadata: in-place writes there would destroy the image. */
-  private readonly metadata = new Set<number>();
+  /** Where metadata lives: data writes, allocations and tables placed there would destroy the image. */
+  metadataRanges: MetadataRanges;
+  /** Why the image was found corrupt while open (writes are refused from then on), or null. */
+  private corruptReason: string | null = null;
+  private corruptBitWrite: Promise<void> | null = null;
+  /** Opened read-only only because of the corrupt bit, though writable was asked: a repair may write. */
+  private corruptBitOnly = false;
   private lastDecompressed: { host: number; data: Buffer } | null = null;
 
   private constructor(file: BlockNode, header: Qcow2Header, l1: Buffer, refcounts: Refcounts, l2Cache: TableCache, readOnly: boolean) {
@@ -121,6 +127,7 @@ export class Qcow2Driver implements BlockDriver {
     this.l2Cache = l2Cache;
     this.ro = readOnly;
     this.allocationAlignment = this.clusterSize;
+    this.metadataRanges = new MetadataRanges(this.clusterSize);
     this.limits = {
       requestAlignment: 512,
       maxTransfer: Math.max(this.clusterSize, 16 * 1024 * 1024),
@@ -168,9 +175,10 @@ export class Qcow2Driver implements BlockDriver {
     );
     drv = new Qcow2Driver(file, header, l1, refcounts, l2Cache, readOnly);
     drv.warnings.push(...warnings);
+    drv.corruptBitOnly = !(options.readOnly ?? false) && Boolean(header.incompatibleFeatures & INCOMPAT_CORRUPT);
     drv.validateL1(fileSize);
-    drv.rebuildMetadataSet();
-    if (!readOnly) await drv.prepareForWriting();
+    await drv.loadMetadataRanges();
+    if (!readOnly && !drv.corruptReason) await drv.prepareForWriting();
     trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile);
     return drv;
   }
@@ -184,19 +192,66 @@ export class Qcow2Driver implements BlockDriver {
     }
   }
 
-  private rebuildMetadataSet(): void {
-    const add = (offset: number, bytes: number) => {
-      for (let c = Math.floor(offset / this.clusterSize); c < Math.ceil((offset + bytes) / this.clusterSize); c++) this.metadata.add(c);
-    };
-    this.metadata.clear();
-    add(0, this.clusterSize);
-    add(this.header.l1TableOffset, this.header.l1Size * 8);
-    for (const m of this.refcounts.metadataClusters()) add(m.offset, m.clusters * this.clusterSize);
-    for (let i = 0; i < this.header.l1Size; i++) {
-      const { offset } = readL1Entry(this.l1, i);
-      if (offset) add(offset, this.clusterSize);
+  /** Place every table; tables that overlap each other or the header make the image corrupt. */
+  private async loadMetadataRanges(): Promise<void> {
+    const h = this.header;
+    const { ranges, overlaps } = await loadMetadataRanges(this.file, {
+      clusterSize: this.clusterSize,
+      l1TableOffset: h.l1TableOffset,
+      l1Size: h.l1Size,
+      l1: this.l1,
+      refcountClusters: this.refcounts.metadataClusters(),
+      nbSnapshots: h.nbSnapshots,
+      snapshotsOffset: h.snapshotsOffset,
+    });
+    ranges.onCorrupt = (message) => this.corruption(message);
+    this.metadataRanges = ranges;
+    this.refcounts.ranges = ranges;
+    if (overlaps.length) {
+      this.corruption(overlaps[0]!);
+      await this.corruptBitWrite;
+      this.warnings.push(`the image is corrupt (${overlaps[0]}): ${this.ro ? 'only reads are served' : 'marked corrupt, writes are refused'} (vdisk check shows the damage)`);
     }
-    if (this.header.nbSnapshots) add(this.header.snapshotsOffset, this.clusterSize);
+  }
+
+  /** Why this open found the image corrupt (an overlap), or null. */
+  get corrupt(): string | null {
+    return this.corruptReason;
+  }
+
+  /**
+   * `check -r`: as with qemu-img check -r, the corrupt bit does not stop a
+   * repair; an overlap found while open does. Returns whether repairs may write.
+   */
+  allowRepair(): boolean {
+    if (this.corruptReason) return false;
+    if (this.corruptBitOnly) this.ro = false;
+    this.corruptBitOnly = false;
+    return !this.ro;
+  }
+
+  /** A repair left nothing to fix: clear the corrupt bit (as qemu-img check -r does). */
+  async markConsistent(): Promise<void> {
+    if (this.ro || this.corruptReason || !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
+    this.header.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    await this.writeHeader();
+  }
+
+  /**
+   * Metadata overlap found: as QEMU does, mark the image corrupt (incompatible
+   * bit 1, when writable) and refuse every write from now on, so that nothing
+   * more is written through tables that alias each other. Returns the error to throw.
+   */
+  private corruption(message: string): VdiskError {
+    if (!this.corruptReason) {
+      this.corruptReason = message;
+      trace('corrupt: %s', message);
+      if (!this.ro && !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) {
+        this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+        this.corruptBitWrite = this.writeHeader().catch((err: unknown) => trace('setting the corrupt bit failed: %s', (err as Error).message));
+      }
+    }
+    return new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: ${message}`);
   }
 
   /**
@@ -227,7 +282,12 @@ export class Qcow2Driver implements BlockDriver {
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       this.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
-      await repairImage(this, 'all');
+      const repaired = await repairImage(this, 'all');
+      if (repaired.overlaps) {
+        this.corruption(`${repaired.overlaps} data clusters overlap metadata: refcounts not rebuilt`);
+        this.warnings.push('the image is corrupt (data clusters overlap metadata): marked corrupt, writes are refused');
+        return;
+      }
       h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
       rewrite = true;
     }
@@ -326,7 +386,7 @@ export class Qcow2Driver implements BlockDriver {
     } else if (e.host) {
       if (e.host % this.clusterSize !== 0) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} has unaligned offset ${e.host}`);
       if (e.host + this.clusterSize > end) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points past the end of the file (${e.host})`);
-      if (this.metadata.has(e.host / this.clusterSize)) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points into metadata (${e.host})`);
+      this.metadataRanges.assertFree(e.host, this.clusterSize, `the data of guest cluster ${cluster}`);
     }
   }
 
@@ -498,6 +558,7 @@ export class Qcow2Driver implements BlockDriver {
 
   private checkWritable(): void {
     if (this.ro) throw new VdiskError('EROFS', 'qcow2 image opened read-only');
+    if (this.corruptReason) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: the image is corrupt (${this.corruptReason}): writes are refused`);
   }
 
   /** Write [offset, offset+bytes) inside one guest cluster. */
@@ -522,9 +583,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   private checkNoMetadata(host: number): void {
-    if (this.metadata.has(host / this.clusterSize)) {
-      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: refusing to write data over metadata at ${host}`);
-    }
+    this.metadataRanges.assertFree(host, this.clusterSize, 'a data write');
   }
 
   /**
@@ -647,7 +706,7 @@ export class Qcow2Driver implements BlockDriver {
       const { offset } = await this.refcounts.allocate(1);
       const table = Buffer.alloc(this.clusterSize);
       this.l2Cache.install(offset, table);
-      this.metadata.add(offset / this.clusterSize);
+      this.metadataRanges.addTable(offset, this.clusterSize, 'L2 table');
       writeL1Entry(this.l1, l1Index, offset, true);
       this.l1Dirty = true;
       return { table, offset };
@@ -664,7 +723,7 @@ export class Qcow2Driver implements BlockDriver {
     table = Buffer.from(table);
     this.l2Cache.install(offset, table);
     this.refcounts.deferFree(l1e.offset);
-    this.metadata.add(offset / this.clusterSize);
+    this.metadataRanges.addTable(offset, this.clusterSize, 'L2 table');
     writeL1Entry(this.l1, l1Index, offset, true);
     this.l1Dirty = true;
     return { table, offset };
@@ -869,6 +928,7 @@ export class Qcow2Driver implements BlockDriver {
   /** The ordered metadata write-out described at the top of this file. */
   async flush(): Promise<void> {
     if (this.ro) return;
+    if (this.corruptReason) return this.flushCorrupt();
     await this.metaLock.run(async () => {
       await this.refcounts.writeDirty();
       await io.flush(this.file);
@@ -886,7 +946,7 @@ export class Qcow2Driver implements BlockDriver {
   private async releaseFreed(): Promise<void> {
     const freed = await this.refcounts.applyFrees();
     for (const off of freed) {
-      this.metadata.delete(off / this.clusterSize);
+      this.metadataRanges.remove(off, this.clusterSize);
       this.l2Cache.drop(off);
     }
     await this.refcounts.writeDirty();
@@ -911,8 +971,21 @@ export class Qcow2Driver implements BlockDriver {
     return (await this.file.driver.allocatedBytes?.()) ?? this.file.size();
   }
 
+  /**
+   * A corrupt image gets no more metadata writes (they could land in aliased
+   * tables): a flush succeeds only if nothing is left unwritten.
+   */
+  private async flushCorrupt(): Promise<void> {
+    await this.corruptBitWrite;
+    if (this.l1Dirty || this.l2Cache.hasDirty || this.refcounts.hasUnwritten) {
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: the image is corrupt (${this.corruptReason}): metadata changes are not written`);
+    }
+    await io.flush(this.file);
+  }
+
   async close(): Promise<void> {
-    if (!this.ro) await this.flush();
+    if (this.corruptReason) await this.flushCorrupt().catch(() => {});
+    else if (!this.ro) await this.flush();
     await this.file.close();
   }
 }
