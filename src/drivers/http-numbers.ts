@@ -70,7 +70,8 @@ export const MIN_RANGE_BYTES_PER_SEC = 64 * 1024;
  * byte: --http-timeout for the answer to start, plus the bytes at the minimum rate.
  */
 export function rangeDeadlineMs(bytes: number, timeoutMs: number): number {
-  return timeoutMs + Math.ceil((bytes * 1000) / MIN_RANGE_BYTES_PER_SEC);
+  // setTimeout fires at once for anything above 2^31-1 ms (24.8 days).
+  return Math.min(timeoutMs + Math.ceil((bytes * 1000) / MIN_RANGE_BYTES_PER_SEC), 2 ** 31 - 1);
 }
 
 /** A header value from a server, safe to quote in a one-line message. */

@@ -14,7 +14,7 @@
  *   a read waits for its own bytes, not for the whole range holding them.
  *   Fetched ranges are kept in a small bounded cache.
  * - Connection errors, timeouts and 5xx/429 answers are retried with backoff
- *   (honouring Retry-After, at most 10 s), bounded in count and time.
+ *   (honouring Retry-After up to --http-timeout or 10 s), bounded in count and time.
  * - Every range GET has a deadline for its last byte (http-numbers.ts:
  *   --http-timeout plus the bytes at 64 KiB/s): a server trickling bytes
  *   cannot hold a read longer than that, retries and their budget aside.
@@ -207,6 +207,8 @@ export class HttpDriver implements BlockDriver {
 
   private constructor(url: URL, options: HttpOptions) {
     this.options = { ...DEFAULTS, ...options };
+    // The CLI checks its options; this guards other callers (a NaN timeout would fire every deadline at once).
+    if (!(this.options.timeoutMs > 0 && this.options.timeoutMs <= 2 ** 31 - 1)) throw new VdiskError('ERR_USAGE', `HTTP timeout ${this.options.timeoutMs} ms is not between 1 ms and 24 days`);
     this.headers = { 'user-agent': 'vdisk', ...(options.headers ?? {}) };
     // Credentials move from the URL into a header, so the URL can be shown.
     if (url.username || url.password) {
@@ -393,6 +395,7 @@ export class HttpDriver implements BlockDriver {
       this.dispatcher.dispatch(
         { origin: this.url.origin, path: this.path, method: 'GET', headers },
         {
+          // Its presence also tells undici this handler speaks the new (controller) API.
           onRequestStart: (c) => {
             controller = c;
             if (settled) c.abort(new Error('deadline passed'));
