@@ -25,7 +25,8 @@ export function httpFromArgs(args: HttpArgs): HttpOptions {
   const headers: Record<string, string> = {};
   for (const h of args.header) {
     const i = h.indexOf(':');
-    if (i <= 0) throw new VdiskError('ERR_USAGE', `--header takes 'Name: value', not '${h.replace(/:.*/, ':…')}'`);
+    // Never quote it: the value is often a credential ('Bearer ...' without its 'Authorization:').
+    if (i <= 0) throw new VdiskError('ERR_USAGE', `--header takes 'Name: value'; one of them has no name before a ':'`);
     headers[h.slice(0, i).trim().toLowerCase()] = h.slice(i + 1).trim();
   }
   const out: HttpOptions = { headers, insecure: args.insecure, timeoutMs: args['http-timeout'] * 1000, retries: args['http-retries'] };

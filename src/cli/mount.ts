@@ -7,7 +7,7 @@ import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/b
 import { ERROR_TABLE, VdiskError, codeOf, type ErrorCode } from '../errors.js';
 import { formatSize, parseSize } from './util.js';
 import fs from 'node:fs/promises';
-import { HttpDriver } from '../drivers/http.js';
+import { HttpDriver, displayName } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
@@ -169,7 +169,7 @@ export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promis
   for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, () => onSignal(s));
 
   process.stderr.write(
-    `vdisk: serving ${args.image} (${node.driver.formatName}, ${formatSize(node.size())}${exp.node.readOnly || args['read-only'] ? ', read-only' : ''}) on ${exp.mountpoint}; Ctrl-C or 'vdisk unmount ${args.mountpoint}' stops\n`,
+    `vdisk: serving ${displayName(args.image)} (${node.driver.formatName}, ${formatSize(node.size())}${exp.node.readOnly || args['read-only'] ? ', read-only' : ''}) on ${exp.mountpoint}; Ctrl-C or 'vdisk unmount ${args.mountpoint}' stops\n`,
   );
 
   await exp.ended;

@@ -7,6 +7,7 @@ import { streamImage, type StreamProgress, type StreamResult } from '../jobs/str
 import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
+import { displayName } from '../drivers/url-display.js';
 import { formatSize } from './util.js';
 
 export interface StreamArgs {
@@ -112,7 +113,7 @@ export async function runStream(args: StreamArgs & HttpArgs & ConfineArgs): Prom
   try {
     real = await fs.realpath(args.image);
   } catch {
-    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${args.image}`);
+    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(args.image)}`);
   }
   const bar = new ProgressBar(args.progress);
   const remote = await viaMount(args, real, bar);

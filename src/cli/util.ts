@@ -1,5 +1,6 @@
 /** Shared CLI helpers: sizes, output, and the one-line error convention. */
 import { VdiskError, codeOf } from '../errors.js';
+import { redact } from '../secrets.js';
 
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
 
@@ -28,8 +29,9 @@ export function formatSize(bytes: number): string {
 export function reportError(err: unknown): void {
   const code = codeOf(err);
   const message = (err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' ');
-  process.stderr.write(`vdisk: error ${code}: ${message}\n`);
-  if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  // redact(): messages name images by their display form already; this catches one that quotes a URL anyway.
+  process.stderr.write(`vdisk: error ${code}: ${redact(message)}\n`);
+  if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${redact(err.stack)}\n`);
 }
 
 export function exitCodeOf(err: unknown): number {

@@ -24,6 +24,7 @@ import * as io from '../../block/io.js';
 import { iovSlice, isZero } from '../../block/iov.js';
 import { VdiskError, notSupported } from '../../errors.js';
 import { tracer } from '../../trace.js';
+import { displayName } from '../url-display.js';
 import {
   EXT_BITMAPS,
   EXT_VDISK_OPTIONS,
@@ -179,7 +180,7 @@ export class Qcow2Driver implements BlockDriver {
     drv.validateL1(fileSize);
     await drv.loadMetadataRanges();
     if (!readOnly && !drv.corruptReason) await drv.prepareForWriting();
-    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile);
+    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile === null ? null : displayName(header.backingFile));
     return drv;
   }
 
