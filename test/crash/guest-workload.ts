@@ -56,7 +56,7 @@ export type GuestOp =
 
 /** `count` ops; half of them land in the first 16 MiB (over the backing data, and rewriting earlier ops). */
 export function makeOps(seed: number, cfg: ImageConfig, count: number): GuestOp[] {
-  const rand = rng(seed);
+  const rand = rng(Math.imul(seed, 0x9e3779b1) ^ 0x1234567);
   const total = cfg.size / BLOCK;
   const ops: GuestOp[] = [];
   for (let i = 0; i < count; i++) {

@@ -168,7 +168,7 @@ describe('power cut (replayed host-file writes and syncs)', () => {
       const image = path.join(dir, `pc${t}.qcow2`);
       makeOverlay(image, cfg, backing);
       const run = await recordRun(image, cfg, seed);
-      const rand = rng(seed);
+      const rand = rng(Math.imul(seed, 0x9e3779b1) ^ 0x5a5a5a5a);
       const replayed = path.join(dir, `pc${t}-crash.qcow2`);
       for (const { crash, targeted } of crashPoints(run, rand)) {
         const st = crashState(run, crash);
