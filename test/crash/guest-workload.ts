@@ -108,12 +108,16 @@ export function makeOverlay(file: string, cfg: ImageConfig, backing: string): vo
   if (r.status !== 0) throw new Error(`qemu-img create: ${r.stderr}`);
   if (!cfg.snapshot) return;
   // Zero clusters read as zero, which is what the model expects of a block without backing.
-  const clusterSize = Number(/cluster_size=(\d+)/.exec(cfg.options)![1]);
+  const clusterSize = clusterSizeOf(cfg);
   const tableSpan = (clusterSize / 8) * clusterSize;
   const cmds: string[] = [];
   for (let off = 0; off < cfg.size; off += tableSpan) cmds.push(`-c 'write -z ${off} ${clusterSize}'`);
   const z = sh(`qemu-io -f qcow2 ${cmds.join(' ')} ${file} && qemu-img snapshot -c before ${file}`);
   if (z.status !== 0) throw new Error(`qemu-io/qemu-img snapshot: ${z.stderr}`);
+}
+
+export function clusterSizeOf(cfg: ImageConfig): number {
+  return Number(/cluster_size=(\d+)/.exec(cfg.options)![1]);
 }
 
 /** Versions: 0 zero, -1 the backing block, op+1 what op `op` wrote; NaN anything else. */

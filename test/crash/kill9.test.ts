@@ -18,7 +18,7 @@ import { openImage } from '../../src/block/open.js';
 import { useScratchDir } from '../helpers/env.js';
 import { Mount, isMounted } from '../helpers/vdisk.js';
 import { rng } from '../helpers/workload.js';
-import { BLOCK, CONFIGS, checkBlocks, makeBacking, makeOps, makeOverlay, runOp, trialCount } from './guest-workload.js';
+import { BLOCK, CONFIGS, checkBlocks, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount } from './guest-workload.js';
 
 let dir = '';
 useScratchDir({ tools: { 'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils' } }, (d) => (dir = d));
@@ -58,7 +58,9 @@ describe('kill -9 of vdisk mount', () => {
       // Killed while op `killAt` is in flight (or about to be sent), after 0-3 turns of this event loop.
       const killAt = 4 + Math.floor(rand() * (ops.length - 4));
       const turns = Math.floor(rand() * 4);
-      const m = await Mount.start(image, mnt, rand() < 0.5 ? ['--direct-io'] : []);
+      // Half the trials with direct I/O, half with a tiny L2 cache (flushes forced by dirty tables).
+      const args = [...(rand() < 0.5 ? ['--direct-io'] : []), ...(t % 2 ? ['--l2-cache-size', String(4 * clusterSizeOf(cfg))] : [])];
+      const m = await Mount.start(image, mnt, args);
       let durableFsync = -1;
       const fh = await fs.promises.open(mnt, 'r+');
       try {

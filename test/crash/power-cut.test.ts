@@ -7,6 +7,8 @@
  * at each, once with only the newest unsynced write surviving and once with a
  * random subset of the unsynced pages. Every resulting image must pass
  * `qemu-img check` (leaks allowed), open in vdisk, and read back every fsync'd write.
+ * Every other run uses the smallest L2 cache, so that tables also go out in
+ * the flushes a cache full of dirty tables forces, not only at guest fsyncs.
  *
  * CRASH_TRIALS=100 npx vitest run test/crash/power-cut.test.ts for a long run.
  */
@@ -22,7 +24,7 @@ import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { FuseExport } from '../../src/export/fuse-export.js';
 import { useScratchDir } from '../helpers/env.js';
 import { rng } from '../helpers/workload.js';
-import { BLOCK, CONFIGS, checkBlocks, makeBacking, makeOps, makeOverlay, runOp, trialCount, type CrashState, type GuestOp, type ImageConfig } from './guest-workload.js';
+import { BLOCK, CONFIGS, checkBlocks, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount, type CrashState, type GuestOp, type ImageConfig } from './guest-workload.js';
 import { RecordingFile, durablePrefix, replay, type LogRecord } from './recording-file.js';
 
 let dir = '';
@@ -45,11 +47,11 @@ interface Run {
 }
 
 /** The workload on a FUSE mount of `image`, opened the way `vdisk mount` opens it, over a recorder. */
-async function recordRun(image: string, cfg: ImageConfig, seed: number): Promise<Run> {
+async function recordRun(image: string, cfg: ImageConfig, seed: number, l2CacheBytes?: number): Promise<Run> {
   const base = fs.readFileSync(image);
   const fileNode = new BlockNode(await FileDriver.open(image, { growable: true }), { name: image });
   const recorder = new RecordingFile(fileNode);
-  const drv = await Qcow2Driver.open(new BlockNode(recorder, { name: image }));
+  const drv = await Qcow2Driver.open(new BlockNode(recorder, { name: image }), l2CacheBytes ? { l2CacheBytes } : {});
   if (drv.header.backingFile) drv.backing = await openImage(resolveBackingPath(image, drv.header.backingFile), { readOnly: true, format: 'raw' });
   const node = new BlockNode(drv, { name: image, backing: drv.backing });
   const mnt = `${image}.mnt`;
@@ -167,7 +169,8 @@ describe('power cut (replayed host-file writes and syncs)', () => {
       const seed = 7001 + t;
       const image = path.join(dir, `pc${t}.qcow2`);
       makeOverlay(image, cfg, backing);
-      const run = await recordRun(image, cfg, seed);
+      // Every other run with the smallest L2 cache: dirty tables then go out in the flushes a full cache forces.
+      const run = await recordRun(image, cfg, seed, t % 2 ? 4 * clusterSizeOf(cfg) : undefined);
       const rand = rng(Math.imul(seed, 0x9e3779b1) ^ 0x5a5a5a5a);
       const replayed = path.join(dir, `pc${t}-crash.qcow2`);
       for (const { crash, targeted } of crashPoints(run, rand)) {
