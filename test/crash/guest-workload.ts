@@ -3,9 +3,9 @@
  * punched holes and fsyncs on qcow2 overlays, run through a real FUSE mount,
  * and the check of what an image holds after a crash.
  *
- * Every 4 KiB block a write puts down describes itself (which op wrote it, to
- * which block), and so does every block of the backing file, so a block read
- * back after a crash names its version. A block may hold the version it had at
+ * Every sector a write puts down describes itself (which op wrote it, to
+ * which sector), and so does every sector of the backing file, so a sector read
+ * back after a crash names its version. A sector may hold the version it had at
  * the last fsync that completed before the crash, or that of any op issued
  * after that fsync; anything else (an older version, garbage) is lost or
  * corrupt fsync'd data.
@@ -34,6 +34,8 @@ export interface ImageConfig {
    * copies it (the copy must be on disk before L1 names it, or the old mapping is lost).
    */
   snapshot?: boolean;
+  /** Largest op in 4 KiB blocks (default 32). */
+  maxBlocks?: number;
 }
 
 const GiB = 1024 ** 3;
@@ -48,6 +50,8 @@ export const CONFIGS: ImageConfig[] = [
   { name: 'extl2+backing', options: 'cluster_size=65536,extended_l2=on', size: 4 * GiB, backing: true },
   { name: '64k+backing', options: 'cluster_size=65536', size: 8 * GiB, backing: true },
   { name: 'lazy', options: 'cluster_size=65536,lazy_refcounts=on', size: 8 * GiB, backing: false },
+  // A 2 MiB refcount table: the run's few MiB of writes grow it (new blocks and table, then the header).
+  { name: '512+rc64+backing', options: 'cluster_size=512,refcount_bits=64', size: 64 * MiB, backing: true, maxBlocks: 128 },
 ];
 
 export type GuestOp =
@@ -65,7 +69,7 @@ export function makeOps(seed: number, cfg: ImageConfig, count: number): GuestOp[
       ops.push({ kind: 'fsync' });
       continue;
     }
-    const blocks = 1 + Math.floor(rand() * rand() * 32);
+    const blocks = 1 + Math.floor(rand() * rand() * (cfg.maxBlocks ?? 32));
     const span = rand() < 0.5 ? BACKING_BLOCKS : total;
     const block = Math.min(Math.floor(rand() * span), total - blocks);
     ops.push({ kind: r < 0.65 ? 'write' : r < 0.82 ? 'zero' : 'punch', block, blocks });
@@ -74,24 +78,29 @@ export function makeOps(seed: number, cfg: ImageConfig, count: number): GuestOp[
   return ops;
 }
 
-function fillBlock(buf: Buffer, magic: number, a: number, b: number): void {
-  buf.writeUInt32LE(magic, 0);
-  buf.writeUInt32LE(a >>> 0, 4);
-  buf.writeUInt32LE(b >>> 0, 8);
-  for (let k = 12; k < BLOCK; k += 4) buf.writeUInt32LE((Math.imul(a + 1, 0x9e3779b1) ^ Math.imul(b, 0x85ebca77) ^ Math.imul(k, 0xc2b2ae3d)) >>> 0, k);
+/** Sectors describe themselves: a real disk may tear an unsynced write at any sector, and 512 B clusters tear blocks too. */
+const SECTOR = 512;
+
+function fillSector(buf: Buffer, at: number, magic: number, a: number, sector: number): void {
+  buf.writeUInt32LE(magic, at);
+  buf.writeUInt32LE(a >>> 0, at + 4);
+  buf.writeUInt32LE(sector >>> 0, at + 8);
+  for (let k = 12; k < SECTOR; k += 4) buf.writeUInt32LE((Math.imul(a + 1, 0x9e3779b1) ^ Math.imul(sector, 0x85ebca77) ^ Math.imul(k, 0xc2b2ae3d)) >>> 0, at + k);
+}
+
+function fillBlock(magic: number, a: number, block: number): Buffer {
+  const buf = Buffer.alloc(BLOCK);
+  for (let s = 0; s < BLOCK / SECTOR; s++) fillSector(buf, s * SECTOR, magic, a, block * (BLOCK / SECTOR) + s);
+  return buf;
 }
 
 /** What op `op` of the run with seed `seed` writes to block `block`. */
 export function writeBlock(seed: number, op: number, block: number): Buffer {
-  const buf = Buffer.alloc(BLOCK);
-  fillBlock(buf, WRITE_MAGIC, seed * 100_000 + op, block);
-  return buf;
+  return fillBlock(WRITE_MAGIC, seed * 100_000 + op, block);
 }
 
 export function backingBlock(block: number): Buffer {
-  const buf = Buffer.alloc(BLOCK);
-  fillBlock(buf, BACKING_MAGIC, 0, block);
-  return buf;
+  return fillBlock(BACKING_MAGIC, 0, block);
 }
 
 /** A raw backing file of self-describing blocks. */
@@ -120,15 +129,17 @@ export function clusterSizeOf(cfg: ImageConfig): number {
   return Number(/cluster_size=(\d+)/.exec(cfg.options)![1]);
 }
 
-/** Versions: 0 zero, -1 the backing block, op+1 what op `op` wrote; NaN anything else. */
-export function versionOf(buf: Buffer, seed: number, block: number): number {
-  if (buf.every((x) => x === 0)) return 0;
-  const magic = buf.readUInt32LE(0);
-  if (magic === BACKING_MAGIC && buf.equals(backingBlock(block))) return -1;
-  if (magic === WRITE_MAGIC) {
-    const op = buf.readUInt32LE(4) - seed * 100_000;
-    if (op >= 0 && buf.equals(writeBlock(seed, op, block))) return op + 1;
-  }
+/** The version of sector `s` of block `block`: 0 zero, -1 the backing file's, op+1 what op `op` wrote; NaN anything else. */
+export function versionOf(buf: Buffer, seed: number, block: number, s: number): number {
+  const sector = buf.subarray(s * SECTOR, (s + 1) * SECTOR);
+  if (sector.every((x) => x === 0)) return 0;
+  const magic = sector.readUInt32LE(0);
+  const a = sector.readUInt32LE(4);
+  const expected = Buffer.alloc(SECTOR);
+  fillSector(expected, 0, magic, a, block * (BLOCK / SECTOR) + s);
+  if (!sector.equals(expected)) return NaN;
+  if (magic === BACKING_MAGIC && a === 0) return -1;
+  if (magic === WRITE_MAGIC && a >= seed * 100_000) return a - seed * 100_000 + 1;
   return NaN;
 }
 
@@ -182,12 +193,15 @@ export async function checkBlocks(read: (block: number) => Promise<Buffer>, seed
   for (const b of blocks) {
     const base = cfg.backing && b < BACKING_BLOCKS ? -1 : 0;
     const allowed = new Set([durable.get(b) ?? base, ...(maybe.get(b) ?? [])]);
-    const got = versionOf(await read(b), seed, b);
-    if (!allowed.has(got)) {
+    const buf = await read(b);
+    for (let s = 0; s < BLOCK / SECTOR; s++) {
+      const got = versionOf(buf, seed, b, s);
+      if (allowed.has(got)) continue;
       const name = (v: number) => (Number.isNaN(v) ? 'garbage' : v === 0 ? 'zero' : v === -1 ? 'backing' : `op ${v - 1}`);
-      problems.push(`block ${b}: reads ${name(got)}, fsync'd state allows ${[...allowed].map(name).join(' | ')}`);
-      if (problems.length >= 5) break;
+      problems.push(`block ${b} sector ${s}: reads ${name(got)}, fsync'd state allows ${[...allowed].map(name).join(' | ')}`);
+      break;
     }
+    if (problems.length >= 5) break;
   }
   return problems;
 }

@@ -98,16 +98,19 @@ function crashState(run: Run, crash: number): CrashState {
 }
 
 /**
- * Crash points: after writes to the L1 table (up to six, spread over the run),
- * after two flushes, and at two random records. `targeted` marks the L1 ones.
+ * Crash points: after writes to the L1 table (up to six, spread over the run)
+ * and to the header (two), after two flushes, and at two random records.
+ * `targeted` marks the L1 and header ones.
  */
 function crashPoints(run: Run, rand: () => number): Array<{ crash: number; targeted: boolean }> {
   const l1Offset = Number(run.base.readBigUInt64BE(40));
   const l1Bytes = run.base.readUInt32BE(36) * 8;
   const l1Writes: number[] = [];
+  const headerWrites: number[] = [];
   const flushes: number[] = [];
   for (const [i, r] of run.log.entries()) {
     if (r.kind === 'write' && r.offset < l1Offset + l1Bytes && l1Offset < r.offset + r.data.length) l1Writes.push(i + 1);
+    if (r.kind === 'write' && r.offset === 0) headerWrites.push(i + 1);
     if (r.kind === 'flush') flushes.push(i + 1);
   }
   const spread = (list: number[], n: number) => (list.length <= n ? list : Array.from({ length: n }, (_, k) => list[Math.floor(((k + rand()) * list.length) / n)]!));
@@ -115,6 +118,8 @@ function crashPoints(run: Run, rand: () => number): Array<{ crash: number; targe
   for (const c of spread(flushes, 2)) points.set(c, false);
   for (let k = 0; k < 2; k++) points.set(1 + Math.floor(rand() * run.log.length), false);
   for (const c of spread(l1Writes, 6)) points.set(c, true);
+  // The header moves to a grown refcount table (512+rc64): it alone surviving must be safe too.
+  for (const c of spread(headerWrites, 2)) points.set(c, true);
   return [...points].sort((a, b) => a[0] - b[0]).map(([crash, targeted]) => ({ crash, targeted }));
 }
 
@@ -176,7 +181,7 @@ describe('power cut (replayed host-file writes and syncs)', () => {
       for (const { crash, targeted } of crashPoints(run, rand)) {
         const st = crashState(run, crash);
         const subsets: Array<[string, (rec: number, page: number) => boolean]> = [['random unsynced pages', () => rand() < 0.5]];
-        // Right after an L1 write: that write alone survives, whatever it names.
+        // Right after an L1 or header write: that write alone survives, whatever it names.
         if (targeted) subsets.push(['only the newest unsynced write', (rec) => rec === crash - 1]);
         for (const [how, survives] of subsets) {
           fs.writeFileSync(replayed, replay(run.base, run.log, crash, survives));
