@@ -196,5 +196,5 @@ describe('power cut (replayed host-file writes and syncs)', () => {
     }
     expect(failures.slice(0, 12), `${failures.length} problems in ${images} crash images`).toEqual([]);
     expect(images).toBeGreaterThan(trials * 4);
-  });
+  }, 120_000 + trialCount(CONFIGS.length) * 10_000); // a long run (CRASH_TRIALS) gets the time it needs
 });
