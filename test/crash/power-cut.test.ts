@@ -74,6 +74,7 @@ async function recordRun(image: string, cfg: ImageConfig, seed: number, l2CacheB
   } finally {
     await exp.stop();
     await node.close();
+    fs.rmSync(mnt);
   }
   return { cfg, seed, ops, base, log: recorder.log, opStart, opEnd };
 }
@@ -92,7 +93,7 @@ function crashState(run: Run, crash: number): CrashState {
       const rec = run.log[r]!;
       if (rec.kind === 'flush') covers = rec.covers;
     }
-    if (covers >= 0 && covers <= durable && run.opEnd[i]! <= crash) durableFsync = i;
+    if (covers >= 0 && covers <= durable) durableFsync = i;
   }
   return { durableFsync, maybeEnd };
 }
