@@ -199,4 +199,35 @@ describe('power cut (replayed host-file writes and syncs)', () => {
     expect(failures.slice(0, 12), `${bad} of ${images} crash images are bad`).toEqual([]);
     expect(images).toBeGreaterThan(trials * 4);
   }, 120_000 + trialCount(CONFIGS.length) * 10_000); // a long run (CRASH_TRIALS) gets the time it needs
+
+  it('a flush costs one host flush per dependency step, however many tables it writes', async () => {
+    const image = path.join(dir, 'flushes.qcow2');
+    makeOverlay(image, { name: '64k', options: 'cluster_size=65536', size: 64 * 1024 ** 3, backing: false }, backing);
+    const recorder = new RecordingFile(new BlockNode(await FileDriver.open(image, { growable: true }), { name: image }));
+    const node = new BlockNode(await Qcow2Driver.open(new BlockNode(recorder, { name: image })), { name: image });
+    const tableSpan = 8192 * 65536;
+    const flushesFor = async (change: () => Promise<void>) => {
+      const from = recorder.log.length;
+      await change();
+      await io.flush(node);
+      return recorder.log.slice(from).filter((r) => r.kind === 'flush').length;
+    };
+    const cluster = Buffer.alloc(65536, 1);
+    try {
+      // 16 new L2 tables: data and refcounts, then the tables, then L1.
+      expect(await flushesFor(async () => {
+        for (let t = 0; t < 16; t++) await io.pwritev(node, t * tableSpan, cluster.length, [cluster]);
+      })).toBe(3);
+      // New clusters in 16 existing tables: L1 does not change.
+      expect(await flushesFor(async () => {
+        for (let t = 0; t < 16; t++) await io.pwritev(node, t * tableSpan + 65536, cluster.length, [cluster]);
+      })).toBe(2);
+      // Rewrites in place: only the data.
+      expect(await flushesFor(async () => {
+        for (let t = 0; t < 16; t++) await io.pwritev(node, t * tableSpan, cluster.length, [cluster]);
+      })).toBe(1);
+    } finally {
+      await node.close();
+    }
+  });
 });
