@@ -5,12 +5,21 @@
  * they do not overwrite; write-zeroes and discard are metadata where the
  * format allows.
  *
- * Update order, for crash safety (as QEMU keeps it):
- *   data  ->  refcount blocks  ->  flush  ->  L2 tables  ->  L1  ->  flush
- *   -> only then are freed clusters' refcounts dropped (and their space punched).
- * Allocating writes only touch memory metadata after their data write has
- * completed, and metadata reaches the disk in flush(), so an on-disk L2 entry
- * never points at data or refcounts that are not on disk yet.
+ * Update order, for crash safety (as QEMU keeps it; each arrow that says
+ * flush is a host flush, because the host may reorder writes between flushes):
+ *   data, refcount blocks          ->  flush
+ *   L2 tables (new ones included)  ->  flush  (only when L1 changed too)
+ *   L1 table                       ->  flush
+ *   -> only then are freed clusters' refcounts dropped, flushed, and their space punched.
+ * So an on-disk L2 entry never points at data or refcounts that are not on
+ * disk, and an on-disk L1 entry never names an L2 table that is not: a new
+ * table (possibly in a reused cluster, which holds stale bytes until it is
+ * written) or the copy of a table shared with a snapshot. Allocating writes
+ * only touch memory metadata after their data write has completed, and tables
+ * reach the disk only in flush() (the caches never write out a dirty table on
+ * eviction: too many dirty tables make the driver flush). Refcount blocks and
+ * the refcount table keep their own order (refcount.ts), and the header is
+ * rewritten only after what it names is flushed (writeHeader's callers).
  *
  * Concurrency: the request layer serialises writes that may allocate at
  * cluster granularity (mayAllocate/allocationAlignment), and metadata changes
@@ -931,14 +940,23 @@ export class Qcow2Driver implements BlockDriver {
     if (this.ro) return;
     if (this.corruptReason) return this.flushCorrupt();
     await this.metaLock.run(async () => {
+      // Refcounts (of new data clusters and of new L2 tables) and the data are
+      // stable before any table that uses them is written.
       await this.refcounts.writeDirty();
       await io.flush(this.file);
       const l2Written = await this.l2Cache.writeDirty();
+      let l1Written = false;
       if (this.l1Dirty) {
+        // The L2 tables an L1 entry may name for the first time are stable before
+        // it: without this flush the host may write L1 first, and a power cut
+        // leaves L1 naming a cluster past the end of the file or one with stale bytes.
+        if (l2Written) await io.flush(this.file);
         this.l1Dirty = false;
         await io.pwritev(this.file, this.header.l1TableOffset, this.l1.length, [Buffer.from(this.l1)]);
+        l1Written = true;
       }
-      if (l2Written || this.refcounts.hasPendingFrees) await io.flush(this.file);
+      // Stable before flush() returns, and before frees drop what the old tables used.
+      if (l2Written || l1Written || this.refcounts.hasPendingFrees) await io.flush(this.file);
       if (this.refcounts.hasPendingFrees) await this.releaseFreed();
     });
   }
