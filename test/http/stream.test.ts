@@ -51,17 +51,19 @@ describe('vdisk stream', () => {
   });
 
   it('is interrupted by Ctrl-C and resumes where it stopped', async () => {
-    const image = create('resume');
+    const image = create('resume', true); // slow: still streaming when Ctrl-C arrives
     const child = spawn(process.execPath, [CLI, 'stream', '-p', image], { stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
+    const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
     await new Promise<void>((resolve) => {
       child.stderr.on('data', (d: Buffer) => {
         err += d.toString();
         if (/copied [1-9]/.test(err)) resolve();
       });
+      void exited.then(() => resolve()); // finished before Ctrl-C: the exit code below says so
     });
     child.kill('SIGINT');
-    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    const code = await exited;
     expect(code).toBe(130);
     expect(err).toMatch(/interrupted at .*%: run it again to resume/);
     const again = vdisk(['stream', '--drop-backing', '--output', 'json', image]);
