@@ -91,7 +91,7 @@ export function parseQcow2Options(list: string[]): Omit<Qcow2CreateOptions, 'siz
  * (as `cp` over it with --remove-destination would): other hard links to the
  * old one keep the old contents, and owner and mode are the creator's.
  */
-async function createInPlace(target: string, force: boolean, write: (tmp: string) => Promise<void>): Promise<void> {
+async function createAtomically(target: string, force: boolean, write: (tmp: string) => Promise<void>): Promise<void> {
   const tmp = path.join(path.dirname(target), `.${path.basename(target)}.vdisk-create-${randomBytes(6).toString('hex')}`);
   try {
     await write(tmp);
@@ -114,7 +114,10 @@ async function linkNew(tmp: string, target: string): Promise<void> {
     await (await fs.open(target, 'wx').catch((e: unknown) => {
       throw (e as { code?: string }).code === 'EEXIST' ? existsError(target) : e;
     })).close();
-    await fs.rename(tmp, target);
+    await fs.rename(tmp, target).catch(async (e: unknown) => {
+      await fs.rm(target, { force: true }); // the empty file that claimed the name
+      throw e;
+    });
   }
 }
 
@@ -140,7 +143,7 @@ export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
   if (!args.force && (await exists(args.file))) throw existsError(args.file);
   if (args.format === 'raw') {
     const size = args.size!;
-    await createInPlace(args.file, args.force, async (tmp) => {
+    await createAtomically(args.file, args.force, async (tmp) => {
       const fh = await fs.open(tmp, 'wx');
       try {
         await fh.truncate(size).catch((err: unknown) => {
@@ -169,7 +172,7 @@ export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
   }
   if (size === undefined) throw new VdiskError('ERR_USAGE', 'a size is needed (or a backing file to take it from)');
   const qcowSize = size;
-  await createInPlace(args.file, args.force, async (tmp) => {
+  await createAtomically(args.file, args.force, async (tmp) => {
     await createQcow2(tmp, { ...options, size: qcowSize }, false).catch((err: unknown) => {
       throw tooLarge(err, args.file, qcowSize);
     });
