@@ -64,6 +64,22 @@ describe('vdisk create: sizes', () => {
     expect(listing(sub)).toEqual(['old.img']);
   });
 
+  it('--force on a symlink replaces the link and never writes through it', () => {
+    const sub = fs.mkdtempSync(path.join(dir, 'link-'));
+    const victim = path.join(sub, 'victim.conf');
+    fs.writeFileSync(victim, 'secret=1\n');
+    const link = path.join(sub, 'disk.img');
+    fs.symlinkSync(victim, link);
+    for (const format of ['raw', 'qcow2']) {
+      const r = vdisk(['create', '--force', '-f', format, link, '1M']);
+      expect(r.status, r.stderr).toBe(0);
+      expect(fs.readFileSync(victim, 'utf8')).toBe('secret=1\n');
+      expect(fs.lstatSync(link).isFile()).toBe(true);
+      fs.rmSync(link);
+      fs.symlinkSync(victim, link);
+    }
+  });
+
   describe('on a full filesystem', () => {
     let small: string | undefined;
     afterAll(() => {
