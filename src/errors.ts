@@ -21,6 +21,7 @@ export const ERROR_TABLE = {
   ENODEV: { errno: E.ENODEV, message: 'no such device' },
   ECANCELED: { errno: E.ECANCELED, message: 'operation canceled' },
   EEXIST: { errno: E.EEXIST, message: 'file exists' },
+  EFBIG: { errno: E.EFBIG, message: 'file too large for the filesystem' },
   ERR_USAGE: { errno: E.EINVAL, message: 'bad command-line usage' },
   ERR_IMAGE_NOT_FOUND: { errno: E.ENOENT, message: 'image file not found' },
   ERR_IMAGE_FORMAT: { errno: E.EINVAL, message: 'unknown or unsupported image format' },

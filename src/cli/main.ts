@@ -51,6 +51,8 @@ async function main(argv: string[]): Promise<void> {
     .version()
     .wrap(Math.min(110, process.stdout.columns || 100))
     .fail((msg, err) => {
+      // yargs rethrows what an option's coerce threw (numbers.ts) as its own YError, code lost: a usage error.
+      if (err?.name === 'YError') throw new VdiskError('ERR_USAGE', `${err.message} (see vdisk --help)`);
       throw err ?? new VdiskError('ERR_USAGE', `${msg} (see vdisk --help)`);
     })
     .parseAsync();
