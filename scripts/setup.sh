@@ -41,7 +41,9 @@ fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
-if [ ! -f build/Release/vdisk_fuse.node ] || [ native/vdisk_fuse.c -nt build/Release/vdisk_fuse.node ]; then
+# Rebuild the addon when any of its sources (or binding.gyp) is newer than it.
+addon=build/Release/vdisk_fuse.node
+if [ ! -f "$addon" ] || [ -n "$(find native binding.gyp -newer "$addon" -print -quit)" ]; then
   npm run --silent build:native >/dev/null
 fi
 npm run --silent build
