@@ -1087,6 +1087,21 @@ static napi_value js_flock_exclusive(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* clearNonBlock(fd) -> 0, or -errno. Node cannot change an fd's flags; images are
+ * opened O_NONBLOCK so that a FIFO cannot block the open (src/drivers/regular-file.ts). */
+static napi_value js_clear_nonblock(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  int32_t fd;
+  int fl, res = 0;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
+  fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || ((fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)) res = -errno;
+  NAPI_CALL(env, napi_create_int32(env, res, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static const struct {
     const char *name;
@@ -1101,6 +1116,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},
       {"lseek", js_lseek},           {"umount", js_umount},
       {"preadvNoWait", js_preadv_nowait}, {"flockExclusive", js_flock_exclusive},
+      {"clearNonBlock", js_clear_nonblock},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

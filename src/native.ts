@@ -54,6 +54,8 @@ export interface NativeAddon {
   preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
   /** flock(LOCK_EX|LOCK_NB): 0, or -errno. */
   flockExclusive(fd: number): number;
+  /** fcntl(F_SETFL) without O_NONBLOCK: 0, or -errno. */
+  clearNonBlock(fd: number): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;

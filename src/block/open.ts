@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
+import { readFileHead } from '../drivers/regular-file.js';
 import { HttpDriver, displayName, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
@@ -47,13 +48,7 @@ const MAGICS: Array<{ format: string; magic: Buffer }> = [
 export async function probeFormat(file: string): Promise<string> {
   let head: Buffer;
   try {
-    const fh = await fs.open(file, 'r');
-    try {
-      head = Buffer.alloc(8);
-      await fh.read(head, 0, 8, 0);
-    } finally {
-      await fh.close();
-    }
+    head = await readFileHead(file, 8);
   } catch (err) {
     if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
     throw err;
