@@ -7,6 +7,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { openRegularFile } from '../../src/drivers/regular-file.js';
 import { useScratchDir } from '../helpers/env.js';
 import { CLI, isMounted, sh } from '../helpers/vdisk.js';
 
@@ -87,6 +88,19 @@ describe('an image that is not a regular file', () => {
     for (const [, args] of commands('/dev/zero', 'zero')) await expectRefused(args, /\/dev\/zero is a character device/);
     await expectRefused(['info', '-f', 'raw', '/dev/null'], /\/dev\/null is a character device/);
     await expectRefused(['map', '-f', 'raw', '/dev/null'], /\/dev\/null is a character device/);
+  });
+
+  it('the image fd is left blocking once checked (O_NONBLOCK was only for the open)', async () => {
+    const file = path.join(dir, 'plain.raw');
+    fs.writeFileSync(file, Buffer.alloc(4096));
+    const { fd } = await openRegularFile(file, fs.constants.O_RDWR);
+    try {
+      const flags = parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+      expect(flags & fs.constants.O_NONBLOCK).toBe(0);
+      expect(flags & 3).toBe(fs.constants.O_RDWR);
+    } finally {
+      fs.closeSync(fd);
+    }
   });
 
   it('a symlink to a regular file is still an image (backing files often are links)', async () => {
