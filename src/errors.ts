@@ -26,6 +26,7 @@ export const ERROR_TABLE = {
   ERR_IMAGE_NOT_FOUND: { errno: E.ENOENT, message: 'image file not found' },
   ERR_IMAGE_FORMAT: { errno: E.EINVAL, message: 'unknown or unsupported image format' },
   ERR_IMAGE_CORRUPT: { errno: E.EIO, message: 'the image is corrupt' },
+  ERR_NOT_A_FILE: { errno: E.EINVAL, message: 'the image is not a regular file (a FIFO, a device, a directory)' },
   ERR_MOUNTPOINT: { errno: E.EINVAL, message: 'the mountpoint must be an existing regular file' },
   ERR_ALREADY_MOUNTED: { errno: E.EBUSY, message: 'the mountpoint is already mounted' },
   ERR_NOT_MOUNTED: { errno: E.EINVAL, message: 'nothing is mounted there' },

@@ -4,7 +4,13 @@ import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { VdiskError } from './errors.js';
 
-/** An opaque FUSE request handle; answered exactly once through a reply*() call. */
+/**
+ * An opaque FUSE request handle; answered exactly once through a reply*() call.
+ * A reply whose arguments the kernel cannot be told (not a number, NaN, a
+ * fraction, out of range) still answers, with EIO, then throws
+ * ERR_VDISK_REPLY_ARG; a second reply to one request is not sent but throws
+ * ERR_VDISK_ANSWERED.
+ */
 export type FuseReq = { readonly __fuseReq: unique symbol };
 export type FuseSessionHandle = { readonly __fuseSession: unique symbol };
 
@@ -28,6 +34,7 @@ export interface NativeAddon {
   stop(session: FuseSessionHandle): void;
   /** Release the session; aborts the connection if the mount is still there. */
   close(session: FuseSessionHandle): void;
+  /** errno 0 (success) to 511; anything else answers EIO. */
   replyErr(req: FuseReq, errno: number): void;
   replyRead(req: FuseReq, buffers: Buffer[]): void;
   /** The same reply, copied into the kernel on a thread-pool thread; keep the buffers until it settles. */
@@ -39,6 +46,7 @@ export interface NativeAddon {
   replyAttr(req: FuseReq, attr: number[], timeoutSec: number): void;
   /** statfs: [bsize, blocks, bfree, bavail, files, ffree, namemax] */
   replyStatfs(req: FuseReq, statfs: number[]): void;
+  /** Offsets and lengths here are integers from 0 to 2^63-1, else ERR_VDISK_ARG is thrown. */
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
   lseek(fd: number, offset: number, whence: number): Promise<number>;
   umount(path: string, flags: number): Promise<number>;
@@ -48,6 +56,8 @@ export interface NativeAddon {
   flockExclusive(fd: number): number;
   /** SO_PEERCRED of a connected UNIX socket: [pid, uid, gid], or -errno. */
   peerCredentials(fd: number): [number, number, number] | number;
+  /** fcntl(F_SETFL) without O_NONBLOCK: 0, or -errno. */
+  clearNonBlock(fd: number): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;

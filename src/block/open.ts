@@ -8,6 +8,7 @@ import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
 import { ProbedRawDriver } from '../drivers/probed-raw.js';
+import { readFileHead } from '../drivers/regular-file.js';
 import { HttpDriver, displayName, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
@@ -45,16 +46,9 @@ export interface OpenOptions {
 export async function probeFormat(file: string): Promise<string> {
   let head: Buffer;
   try {
-    const fh = await fs.open(file, 'r');
-    try {
-      head = Buffer.alloc(PROBE_BYTES);
-      const { bytesRead } = await fh.read(head, 0, PROBE_BYTES, 0);
-      head = head.subarray(0, bytesRead);
-    } finally {
-      await fh.close();
-    }
+    head = await readFileHead(file, PROBE_BYTES);
   } catch (err) {
-    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(file)}`);
     throw err;
   }
   return probeHead(head);
@@ -88,7 +82,7 @@ async function openNode(file: string, format: string, options: OpenOptions, read
     try {
       real = await fs.realpath(file);
     } catch {
-      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(file)}`);
     }
   }
   if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${shown}`);

@@ -10,6 +10,7 @@ import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.
 import { VdiskError, notSupported } from '../errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, SEEK_DATA, SEEK_HOLE, native } from '../native.js';
 import { tracer } from '../trace.js';
+import { openRegularFile } from './regular-file.js';
 
 const trace = tracer('raw');
 const EAGAIN = osConstants.errno.EAGAIN;
@@ -99,21 +100,17 @@ export class FileDriver implements BlockDriver {
   static async open(path: string, options: FileOpenOptions = {}): Promise<FileDriver> {
     const readOnly = options.readOnly ?? false;
     let fd: number;
+    let st: fs.Stats;
     try {
-      fd = await new Promise<number>((resolve, reject) =>
-        fs.open(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, (err, n) => (err ? reject(err) : resolve(n))),
-      );
+      // A FIFO or device is refused without blocking in open() (ERR_NOT_A_FILE).
+      ({ fd, stats: st } = await openRegularFile(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR));
     } catch (err) {
+      if (err instanceof VdiskError) throw err;
       const code = (err as { code?: string }).code;
       if (code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`, { cause: err });
       if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${path}${readOnly ? '' : ' for writing'}: permission denied`, { cause: err });
       if (code === 'EROFS') throw new VdiskError('EROFS', `${path} is on a read-only filesystem (use --read-only)`, { cause: err });
       throw err;
-    }
-    const st = await fstat(fd);
-    if (!st.isFile()) {
-      fs.closeSync(fd);
-      throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
     }
     // One writer at a time: a second process writing the same image would corrupt it.
     const locked = readOnly ? 0 : native().flockExclusive(fd);

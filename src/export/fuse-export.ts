@@ -222,13 +222,19 @@ export class FuseExport {
   }
 
   /**
-   * Run one request: `work` resolves to the reply to send. The reply is sent
-   * exactly once, outside the error path, so a failing reply is never followed
-   * by a second one.
+   * Run one request: `work` resolves to the reply to send, or fails with the
+   * error to answer. Whatever throws on the way (building the reply, sending
+   * it, answering the error) still ends in an answer: see answerAfterFailure.
    */
   private serve(req: FuseReq, op: string, work: () => Promise<Reply>): void {
     this.inFlight++;
-    work()
+    let pending: Promise<Reply>;
+    try {
+      pending = work();
+    } catch (err) {
+      pending = Promise.reject(err);
+    }
+    pending
       .then(
         (reply) => reply(),
         (err: unknown) => {
@@ -239,7 +245,7 @@ export class FuseExport {
           this.addon.replyErr(req, errno);
         },
       )
-      .catch((err: unknown) => process.stderr.write(`vdisk: internal error answering ${op}: ${(err as Error)?.message}\n`))
+      .catch((err: unknown) => this.answerAfterFailure(req, op, err))
       .finally(() => {
         if (--this.inFlight === 0 && this.idleWaiters.length) {
           const waiters = this.idleWaiters;
@@ -247,6 +253,23 @@ export class FuseExport {
           for (const w of waiters) w();
         }
       });
+  }
+
+  /**
+   * The last resort when sending an answer threw (an argument the addon could
+   * not convert, a bug in a reply): answer EIO, or the process doing the I/O
+   * waits forever. Safe whether or not an answer went out: the addon answers a
+   * reply it cannot convert with EIO itself and refuses a second reply to one
+   * request (ERR_VDISK_ANSWERED) instead of sending it.
+   */
+  private answerAfterFailure(req: FuseReq, op: string, err: unknown): void {
+    this.stats.errors++;
+    process.stderr.write(`vdisk: error EIO: internal error answering ${op}: ${(err as Error)?.message ?? String(err)}\n`);
+    try {
+      this.addon.replyErr(req, E.EIO);
+    } catch (again) {
+      trace('%s: no second answer: %s', op, (again as Error)?.message);
+    }
   }
 
   private fail(code: 'EROFS' | 'ENOSPC' | 'EINVAL' | 'ENOTSUP' | 'ENXIO', message: string): never {
