@@ -13,10 +13,11 @@ need_root() {
 }
 
 # Debian packages: the FUSE library and tools, the native build chain, and the
-# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl).
+# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl,
+# losetup from mount for the block-device test).
 # qemu-block-extra is qemu's curl module: qemu-img on an http(s) backing needs it,
 # and --no-install-recommends would otherwise drop it.
-packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils qemu-block-extra fio ca-certificates nginx-light genisoimage curl openssl)
+packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils qemu-block-extra fio ca-certificates nginx-light genisoimage curl openssl mount)
 command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do

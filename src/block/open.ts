@@ -43,10 +43,10 @@ export interface OpenOptions {
 }
 
 /** The format named by the image's magic bytes; 'raw' when none matches. */
-export async function probeFormat(file: string): Promise<string> {
+export async function probeFormat(file: string, allowBlockDevice = false): Promise<string> {
   let head: Buffer;
   try {
-    head = await readFileHead(file, PROBE_BYTES);
+    head = await readFileHead(file, PROBE_BYTES, allowBlockDevice);
   } catch (err) {
     if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(file)}`);
     throw err;
@@ -88,6 +88,8 @@ async function openNode(file: string, format: string, options: OpenOptions, read
   if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${shown}`);
   if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${shown}`);
   chain.seen.add(real);
+  // A block device only as the image the user named, never as a backing file (regular-file.ts).
+  const allowBlockDevice = chain.depth === 0;
   const nodeOptions = { name: shown, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
   if (isHttpUrl(file)) {
     // Opened read-only always (openImage, openBacking): writes need a qcow2 overlay on top.
@@ -96,7 +98,7 @@ async function openNode(file: string, format: string, options: OpenOptions, read
   }
   switch (format) {
     case 'raw': {
-      const drv = await FileDriver.open(file, { readOnly });
+      const drv = await FileDriver.open(file, { readOnly, allowBlockDevice });
       if (!probed || readOnly) return new BlockNode(drv, nodeOptions);
       options.warnings?.push(
         `${shown}: format probed as raw; writes that would make its first sector probe as another format are refused (EPERM). Give -f raw to lift the restriction`,
@@ -104,7 +106,7 @@ async function openNode(file: string, format: string, options: OpenOptions, read
       return new BlockNode(new ProbedRawDriver(drv, shown), nodeOptions);
     }
     case 'qcow2': {
-      const fileNode = new BlockNode(await FileDriver.open(file, { readOnly, growable: true }), { name: file });
+      const fileNode = new BlockNode(await FileDriver.open(file, { readOnly, growable: true, allowBlockDevice }), { name: file });
       let drv: Qcow2Driver;
       try {
         drv = await Qcow2Driver.open(fileNode, readOnly ? { readOnly } : { readOnly, ...(options.l2CacheBytes ? { l2CacheBytes: options.l2CacheBytes } : {}) });
@@ -166,7 +168,7 @@ async function openBacking(overlay: string, name: string, recordedFormat: string
 export async function openImage(file: string, options: OpenOptions = {}): Promise<BlockNode> {
   // URLs are never probed: a remote image is raw unless said otherwise.
   const probed = options.format === undefined && !isHttpUrl(file);
-  const format = options.format ?? (probed ? await probeFormat(file) : 'raw');
+  const format = options.format ?? (probed ? await probeFormat(file, true) : 'raw');
   // A remote image on its own is read-only (writes need a qcow2 overlay on top).
   return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 }, probed);
 }
