@@ -120,6 +120,8 @@ describe('broken qcow2 images', () => {
     ['the L1 table outside the file', (b: Buffer) => b.writeBigUInt64BE(1n << 40n, 40), 'ERR_IMAGE_CORRUPT'],
     ['an unaligned refcount table', (b: Buffer) => b.writeBigUInt64BE(4096n + 8n, 48), 'ERR_IMAGE_CORRUPT'],
     ['a huge refcount table', (b: Buffer) => b.writeUInt32BE(1 << 30, 56), 'ERR_IMAGE_CORRUPT'],
+    // Bits 56-63 of a refcount table entry belong to its offset (qemu-img: "outside image"), unlike an L2 entry's flags.
+    ['a refcount table entry with a high offset bit', (b: Buffer) => b.writeUInt8(b.readUInt8(Number(b.readBigUInt64BE(48))) | 1, Number(b.readBigUInt64BE(48))), 'ERR_IMAGE_CORRUPT'],
     ['refcount_order 7', (b: Buffer) => b.writeUInt32BE(7, 96), 'ERR_IMAGE_CORRUPT'],
     ['unknown incompatible features', (b: Buffer) => b.writeBigUInt64BE(1n << 40n, 72), 'ERR_IMAGE_FORMAT'],
     ['an external data file', (b: Buffer) => b.writeBigUInt64BE(4n, 72), 'ERR_IMAGE_FORMAT'],

@@ -21,11 +21,14 @@ import type { MetadataRanges } from './metadata-ranges.js';
 
 const trace = tracer('qcow2');
 
-/** Offsets in table entries use bits 9-55. */
-const OFFSET_MASK_HI = 0x00ffffff;
-
+/**
+ * A refcount table entry's offset is bits 9-63 (unlike L1/L2 entries, whose
+ * bits 56-63 are flags): a high bit set is an offset past any file, which the
+ * load refuses, not a flag to mask away (masking served an L2 table as a
+ * refcount block where qemu-img calls the entry outside the image).
+ */
 export function readEntryOffset(buf: Buffer, pos: number): number {
-  const hi = buf.readUInt32BE(pos) & OFFSET_MASK_HI;
+  const hi = buf.readUInt32BE(pos);
   const lo = buf.readUInt32BE(pos + 4) & ~0x1ff;
   return hi * 2 ** 32 + (lo >>> 0);
 }
