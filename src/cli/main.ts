@@ -58,6 +58,17 @@ async function main(argv: string[]): Promise<void> {
     .parseAsync();
 }
 
+// A reader that stops early (`vdisk map img | head`) closes the pipe: what is
+// left of the output has nobody to read it, which is no error of ours. Without a
+// listener Node throws EPIPE from the write and the process dies with a stack;
+// a mount must never die that way, so the output is dropped and work goes on.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE' || err.code === 'ERR_STREAM_DESTROYED') return;
+    throw err;
+  });
+}
+
 main(hideBin(process.argv)).catch((err: unknown) => {
   reportError(err);
   process.exitCode = exitCodeOf(err);
