@@ -18,7 +18,7 @@ export function withHttpOptions<T>(y: Argv<T>): Argv<T & HttpArgs> {
     .option('header', { alias: 'H', type: 'string', array: true, nargs: 1, default: [], describe: "HTTP header for remote images, e.g. 'Authorization: Bearer ...' (repeatable)" })
     .option('ca-file', { type: 'string', describe: 'PEM file of CA certificates to trust for https' })
     .option('insecure', { type: 'boolean', default: false, describe: 'accept any TLS certificate (testing only)' })
-    .option('http-timeout', { type: 'string', default: 30, coerce: coerceWith('--http-timeout', OPTION_NUMBERS.httpTimeoutSeconds), describe: 'seconds to wait for an HTTP answer (headers, and between body chunks)' })
+    .option('http-timeout', { type: 'string', default: 30, coerce: coerceWith('--http-timeout', OPTION_NUMBERS.httpTimeoutSeconds), describe: 'seconds to wait for an HTTP answer (headers, and between body chunks); a whole range GET may take this plus 1 s per 64 KiB' })
     .option('http-retries', { type: 'string', default: 5, coerce: coerceWith('--http-retries', OPTION_NUMBERS.httpRetries), describe: 'retries of a failed range request (connection errors, timeouts, 5xx)' }) as unknown as Argv<T & HttpArgs>;
 }
 
