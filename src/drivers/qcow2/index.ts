@@ -879,12 +879,31 @@ export class Qcow2Driver implements BlockDriver {
   // -------------------------------------------------------------------------
   // Block status
 
+  /**
+   * One answer covers a run of empty L1 entries, or a run of one kind within
+   * one L2 table (read once, then scanned without I/O): the cost of walking a
+   * disk follows its allocated metadata, not its virtual size.
+   */
   async blockStatus(offset: number, bytes: number): Promise<DriverBlockStatus> {
-    const p = await this.piece(offset, bytes);
+    const tableSpan = this.clusterSize * this.l2Entries;
+    const end = offset + bytes;
+    let l1Index = Math.floor(offset / tableSpan);
+    while (l1Index < this.header.l1Size && l1Index * tableSpan < end && !readL1Entry(this.l1, l1Index).offset) l1Index++;
+    const unmappedEnd = l1Index >= this.header.l1Size ? end : Math.min(end, l1Index * tableSpan);
+    if (unmappedEnd > offset) return { bytes: unmappedEnd - offset, allocated: false, zero: !this.backing, data: false };
+    const table = await this.l2Cache.get(readL1Entry(this.l1, l1Index).offset);
+    const tableEnd = Math.min(end, (l1Index + 1) * tableSpan);
+    const pieceAt = (pos: number): Piece => {
+      const cluster = Math.floor(pos / this.clusterSize);
+      const e = readL2Entry(table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
+      this.checkEntry(e, cluster);
+      return this.pieceOf(pos, tableEnd - pos, e);
+    };
+    const p = pieceAt(offset);
     let n = p.bytes;
     // Extend over following pieces of the same kind (and contiguous host offsets).
-    while (offset + n < offset + bytes && n < 64 * this.clusterSize) {
-      const q = await this.piece(offset + n, bytes - n);
+    while (offset + n < tableEnd) {
+      const q = pieceAt(offset + n);
       if (q.kind !== p.kind || (p.kind === 'normal' && q.host !== p.host + n)) break;
       n += q.bytes;
     }
