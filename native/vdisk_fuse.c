@@ -10,11 +10,16 @@
  * thread hop per request and no locking.
  *
  * Invariants:
- *  - every request handed to JS is answered exactly once by JS (the TS wrapper
- *    guarantees it); if calling into JS fails, C answers EIO itself;
+ *  - every request handed to JS is answered exactly once: by JS (the TS wrapper
+ *    guarantees it), by a reply*() call whose arguments cannot be converted
+ *    (it answers EIO, then throws), or by C itself (EIO) if calling into JS
+ *    fails; a second reply is refused with an exception, never sent;
+ *  - no double from JS is cast to an integer type unless it is an integer in
+ *    that type's range (casting NaN or 1e30 to off_t is undefined behaviour);
  *  - write data lives in libfuse's receive buffer, which the next receive
  *    overwrites, so it is copied into a JS Buffer before JS sees it;
- *  - a fuse_req_t travels to JS as an external value and comes back unchanged.
+ *  - a fuse_req_t travels to JS inside a small handle (an external value) that
+ *    remembers whether it was answered; JS's garbage collector frees it.
  */
 #define FUSE_USE_VERSION 35
 #define _GNU_SOURCE
@@ -31,6 +36,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include <uv.h>
+#include "vdisk_peercred.h"
 
 /* ---- N-API error checking (in the style of node's js-native-api common.h) ---- */
 
@@ -78,20 +84,103 @@ static napi_value throw_errno(napi_env env, int err, const char *syscall) {
 
 /* ---- argument helpers ---- */
 
-static int get_int64(napi_env env, napi_value v, int64_t *out) {
-  double d;
-  if (napi_get_value_double(env, v, &d) != napi_ok) return -1;
-  *out = (int64_t)d;
-  return 0;
+/* 2^63: the first double past INT64_MAX (and past off_t's range). */
+#define INT64_LIMIT 9223372036854775808.0
+/* 2^32: the first double past the kernel's 32-bit fields (uid, mode, write count). */
+#define UINT32_LIMIT 4294967296.0
+/* The range of a JS Date, in ms either side of 1970. */
+#define MAX_TIME_MS 8.64e15
+
+/* An integer in [lo, hi), hi <= 2^63 and lo >= -2^63; false for NaN, infinities and fractions.
+ * The cast only happens once the range is known, so it is always defined. */
+static bool is_integer_in(double d, double lo, double hi) {
+  return d >= lo && d < hi && (double)(int64_t)d == d;
 }
 
-static fuse_req_t get_req(napi_env env, napi_value v) {
+/* A JS number that is an integer in [lo, hi) (see is_integer_in); false for anything else. */
+static bool get_integer(napi_env env, napi_value v, double lo, double hi, int64_t *out) {
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok || !is_integer_in(d, lo, hi)) return false;
+  *out = (int64_t)d;
+  return true;
+}
+
+/* The first `count` elements of a JS array, as numbers; false if it is not an array of numbers. */
+static bool get_numbers(napi_env env, napi_value array, double *out, uint32_t count) {
+  bool is_array = false;
+  uint32_t len;
+  if (napi_is_array(env, array, &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, array, &len) != napi_ok || len < count)
+    return false;
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value v;
+    if (napi_get_element(env, array, i, &v) != napi_ok || napi_get_value_double(env, v, &out[i]) != napi_ok)
+      return false;
+  }
+  return true;
+}
+
+/* ---- request handles ---- */
+
+#define REQ_HANDLE_MAGIC 0x7664726571ULL /* "vdreq": tells a request handle from a session handle */
+
+/*
+ * What JS holds for one request. libfuse frees a request when it is answered,
+ * so the handle remembers that it was: a second reply then throws instead of
+ * touching freed memory. The handle itself lives until JS drops it.
+ */
+typedef struct {
+  uint64_t magic;
+  fuse_req_t req;
+  bool answered;
+} req_handle;
+
+static void free_req_handle(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+/*
+ * The request a reply*() call answers, marked answered from here on: the
+ * caller must answer it on every path (answer_bad_reply at worst). NULL, with
+ * an exception pending, if `v` is no request handle or was answered already.
+ */
+static fuse_req_t take_req(napi_env env, napi_value v) {
   void *p = NULL;
-  if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL) {
+  req_handle *h;
+  if (napi_get_value_external(env, v, &p) != napi_ok || p == NULL ||
+      ((req_handle *)p)->magic != REQ_HANDLE_MAGIC) {
     napi_throw_type_error(env, "ERR_VDISK_ARG", "expected a FUSE request handle");
     return NULL;
   }
-  return (fuse_req_t)p;
+  h = p;
+  if (h->answered) {
+    napi_throw_error(env, "ERR_VDISK_ANSWERED", "this FUSE request was answered already; the second reply was not sent");
+    return NULL;
+  }
+  h->answered = true;
+  return h->req;
+}
+
+/*
+ * A reply whose arguments cannot be converted still answers the kernel, with
+ * EIO: the process doing the I/O would otherwise wait forever. JS then hears
+ * of it as an ERR_VDISK_REPLY_ARG exception (replacing any exception a getter
+ * threw while the arguments were read).
+ */
+static napi_value answer_bad_reply(napi_env env, fuse_req_t req, const char *what) {
+  bool pending = false;
+  char text[256];
+  fuse_reply_err(req, EIO);
+  napi_is_exception_pending(env, &pending);
+  if (pending) {
+    napi_value exc;
+    napi_get_and_clear_last_exception(env, &exc);
+  }
+  snprintf(text, sizeof text, "%s; answered EIO", what);
+  napi_throw_type_error(env, "ERR_VDISK_REPLY_ARG", text);
+  return NULL;
 }
 
 /* ---- the session ---- */
@@ -133,21 +222,36 @@ typedef struct {
 static void dispatch(vd_session *s, int op, fuse_req_t req, size_t argc, napi_value *argv) {
   napi_env env = s->env;
   napi_value fn, global, result;
+  req_handle *h;
   if (s->handlers[op] == NULL) {
     fuse_reply_err(req, ENOSYS);
     return;
   }
-  NAPI_CHECK_GOTO(napi_create_external(env, req, NULL, NULL, &argv[0]), fail);
+  if (!(h = malloc(sizeof *h))) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  h->magic = REQ_HANDLE_MAGIC;
+  h->req = req;
+  h->answered = false;
+  if (napi_create_external(env, h, free_req_handle, NULL, &argv[0]) != napi_ok) {
+    free(h);
+    h = NULL;
+    goto fail;
+  }
   NAPI_CHECK_GOTO(napi_get_reference_value(env, s->handlers[op], &fn), fail);
   NAPI_CHECK_GOTO(napi_get_global(env, &global), fail);
   if (napi_call_function(env, global, fn, argc, argv, &result) != napi_ok) goto fail;
   return;
 fail: {
-  /* The JS wrapper never throws; if it did, answer so the kernel request does not hang. */
+  /* The JS wrapper never throws; if it did, answer so the kernel request does
+   * not hang, unless a reply went out before the exception (h->answered). */
   bool pending = false;
   napi_value exc;
   napi_is_exception_pending(env, &pending);
   if (pending) napi_get_and_clear_last_exception(env, &exc);
+  if (h && h->answered) return;
+  if (h) h->answered = true;
   fprintf(stderr, "vdisk: internal error dispatching %s to JS; answered EIO\n", op_names[op]);
   fuse_reply_err(req, EIO);
 }
@@ -561,41 +665,44 @@ static napi_value js_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* ---- replies ---- */
+/* ---- replies ----
+ * Each reply*(req, ...) answers `req` exactly once on every path once the
+ * handle is taken: with what JS asked for, or with EIO (answer_bad_reply) if
+ * an argument is not what the kernel can be told. */
+
+/* An errno the kernel takes: 0..511 (it drops a reply with -512 or lower, and
+ * the request waits forever; libfuse turns positive values into ERANGE). */
+#define ERRNO_LIMIT 512.0
 
 static napi_value js_reply_err(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
-  int32_t err;
+  int64_t err;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_value_int32(env, argv[1], &err));
-  fuse_reply_err(req, err);
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!get_integer(env, argv[1], 0, ERRNO_LIMIT, &err))
+    return answer_bad_reply(env, req, "replyErr(req, errno): errno must be an integer from 0 to 511");
+  fuse_reply_err(req, (int)err);
   return NULL;
 }
 
 #define MAX_REPLY_IOV 256
 
-/* An array of Buffers as an iovec (at most MAX_REPLY_IOV); -1 with an exception pending if it is not one. */
-static int get_iovec(napi_env env, napi_value array, struct iovec *iov, uint32_t *count) {
-  if (napi_get_array_length(env, array, count) != napi_ok) {
-    throw_last_error(env);
-    return -1;
-  }
-  if (*count > MAX_REPLY_IOV) {
-    napi_throw_range_error(env, "ERR_VDISK_ARG", "too many buffers in one request");
-    return -1;
-  }
+/* An array of Buffers as an iovec (at most MAX_REPLY_IOV): NULL, or what is wrong with it. */
+static const char *get_iovec(napi_env env, napi_value array, struct iovec *iov, uint32_t *count) {
+  bool is_array = false;
+  if (napi_is_array(env, array, &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, array, count) != napi_ok)
+    return "buffers must be an array of Buffers";
+  if (*count > MAX_REPLY_IOV) return "too many buffers in one request";
   for (uint32_t i = 0; i < *count; i++) {
     napi_value b;
     if (napi_get_element(env, array, i, &b) != napi_ok ||
-        napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len) != napi_ok) {
-      throw_last_error(env);
-      return -1;
-    }
+        napi_get_buffer_info(env, b, &iov[i].iov_base, &iov[i].iov_len) != napi_ok)
+      return "buffers must be an array of Buffers";
   }
-  return 0;
+  return NULL;
 }
 
 /* replyRead(req, buffers[]): the kernel copies straight out of the JS buffers. */
@@ -604,13 +711,11 @@ static napi_value js_reply_read(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   uint32_t n;
   struct iovec iov[MAX_REPLY_IOV];
+  const char *bad;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  if (get_iovec(env, argv[1], iov, &n) < 0) {
-    fuse_reply_err(req, EIO);
-    return NULL;
-  }
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if ((bad = get_iovec(env, argv[1], iov, &n))) return answer_bad_reply(env, req, bad);
   fuse_reply_iov(req, iov, (int)n);
   return NULL;
 }
@@ -653,27 +758,21 @@ static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2], promise, name;
   uint32_t n;
+  const char *bad;
   fuse_req_t req;
   read_reply *r;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  if (!(r = calloc(1, sizeof *r))) {
-    fuse_reply_err(req, EIO);
-    napi_throw_error(env, "ENOMEM", "out of memory answering a read");
-    return NULL;
-  }
-  if (get_iovec(env, argv[1], r->iov, &n) < 0) {
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!(r = calloc(1, sizeof *r))) return answer_bad_reply(env, req, "out of memory answering a read");
+  if ((bad = get_iovec(env, argv[1], r->iov, &n))) {
     free(r);
-    fuse_reply_err(req, EIO);
-    return NULL;
+    return answer_bad_reply(env, req, bad);
   }
   r->req = req;
   r->count = (int)n;
   if (napi_create_reference(env, argv[1], 1, &r->buffers) != napi_ok) {
     free(r);
-    fuse_reply_err(req, EIO);
-    throw_last_error(env);
-    return NULL;
+    return answer_bad_reply(env, req, "cannot hold the buffers of a read reply");
   }
   if (napi_create_promise(env, &r->deferred, &promise) != napi_ok ||
       napi_create_string_utf8(env, "vdisk:reply", NAPI_AUTO_LENGTH, &name) != napi_ok ||
@@ -690,14 +789,16 @@ static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+/* replyWrite(req, count): count is at most the size written, which the kernel checks. */
 static napi_value js_reply_write(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
   int64_t count;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_value_int64(env, argv[1], &count));
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!get_integer(env, argv[1], 0, UINT32_LIMIT, &count))
+    return answer_bad_reply(env, req, "replyWrite(req, count): count must be an integer from 0 to 2^32-1");
   fuse_reply_write(req, (size_t)count);
   return NULL;
 }
@@ -708,8 +809,9 @@ static napi_value js_reply_lseek(napi_env env, napi_callback_info info) {
   int64_t off;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_value_int64(env, argv[1], &off));
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!get_integer(env, argv[1], 0, INT64_LIMIT, &off))
+    return answer_bad_reply(env, req, "replyLseek(req, offset): offset must be an integer from 0 to 2^63-1");
   fuse_reply_lseek(req, (off_t)off);
   return NULL;
 }
@@ -722,14 +824,27 @@ static napi_value js_reply_open(napi_env env, napi_callback_info info) {
   struct fuse_file_info fi;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  NAPI_CALL(env, napi_get_value_bool(env, argv[1], &direct_io));
-  NAPI_CALL(env, napi_get_value_bool(env, argv[2], &keep_cache));
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (napi_get_value_bool(env, argv[1], &direct_io) != napi_ok ||
+      napi_get_value_bool(env, argv[2], &keep_cache) != napi_ok)
+    return answer_bad_reply(env, req, "replyOpen(req, directIo, keepCache): flags must be booleans");
   memset(&fi, 0, sizeof fi);
   fi.direct_io = direct_io;
   fi.keep_cache = keep_cache;
   fuse_reply_open(req, &fi);
   return NULL;
+}
+
+/* Milliseconds since 1970 (|ms| <= MAX_TIME_MS) as a timespec, rounding down before 1970 too. */
+static struct timespec ms_to_timespec(double ms) {
+  struct timespec ts;
+  int64_t sec = (int64_t)(ms / 1e3);
+  double nsec;
+  if ((double)sec * 1e3 > ms) sec--;
+  nsec = (ms - (double)sec * 1e3) * 1e6;
+  ts.tv_sec = (time_t)sec;
+  ts.tv_nsec = nsec < 0 ? 0 : nsec > 999999999.0 ? 999999999L : (long)nsec;
+  return ts;
 }
 
 /* replyAttr(req, [size, blocks, blksize, mode, uid, gid, atimeMs, mtimeMs, ctimeMs], timeoutSec) */
@@ -740,13 +855,15 @@ static napi_value js_reply_attr(napi_env env, napi_callback_info info) {
   struct stat st;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  for (uint32_t i = 0; i < 9; i++) {
-    napi_value v;
-    NAPI_CALL(env, napi_get_element(env, argv[1], i, &v));
-    NAPI_CALL(env, napi_get_value_double(env, v, &f[i]));
-  }
-  NAPI_CALL(env, napi_get_value_double(env, argv[2], &timeout));
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!get_numbers(env, argv[1], f, 9) || napi_get_value_double(env, argv[2], &timeout) != napi_ok ||
+      !is_integer_in(f[0], 0, INT64_LIMIT) || !is_integer_in(f[1], 0, INT64_LIMIT) ||
+      !is_integer_in(f[2], 0, UINT32_LIMIT) || !is_integer_in(f[3], 0, UINT32_LIMIT) ||
+      !is_integer_in(f[4], 0, UINT32_LIMIT) || !is_integer_in(f[5], 0, UINT32_LIMIT) ||
+      !(f[6] >= -MAX_TIME_MS && f[6] <= MAX_TIME_MS) || !(f[7] >= -MAX_TIME_MS && f[7] <= MAX_TIME_MS) ||
+      !(f[8] >= -MAX_TIME_MS && f[8] <= MAX_TIME_MS) || !(timeout >= 0 && timeout <= 1e9))
+    return answer_bad_reply(env, req, "replyAttr(req, attr, timeout): attr must be 9 numbers in range "
+                                      "(size, blocks, blksize, mode, uid, gid as integers; times in ms)");
   memset(&st, 0, sizeof st);
   st.st_ino = FUSE_ROOT_ID;
   st.st_nlink = 1;
@@ -756,12 +873,9 @@ static napi_value js_reply_attr(napi_env env, napi_callback_info info) {
   st.st_mode = (mode_t)f[3];
   st.st_uid = (uid_t)f[4];
   st.st_gid = (gid_t)f[5];
-  st.st_atim.tv_sec = (time_t)(f[6] / 1e3);
-  st.st_atim.tv_nsec = (long)((f[6] - (double)st.st_atim.tv_sec * 1e3) * 1e6);
-  st.st_mtim.tv_sec = (time_t)(f[7] / 1e3);
-  st.st_mtim.tv_nsec = (long)((f[7] - (double)st.st_mtim.tv_sec * 1e3) * 1e6);
-  st.st_ctim.tv_sec = (time_t)(f[8] / 1e3);
-  st.st_ctim.tv_nsec = (long)((f[8] - (double)st.st_ctim.tv_sec * 1e3) * 1e6);
+  st.st_atim = ms_to_timespec(f[6]);
+  st.st_mtim = ms_to_timespec(f[7]);
+  st.st_ctim = ms_to_timespec(f[8]);
   fuse_reply_attr(req, &st, timeout);
   return NULL;
 }
@@ -774,12 +888,12 @@ static napi_value js_reply_statfs(napi_env env, napi_callback_info info) {
   struct statvfs sv;
   fuse_req_t req;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = get_req(env, argv[0]))) return NULL;
-  for (uint32_t i = 0; i < 7; i++) {
-    napi_value v;
-    NAPI_CALL(env, napi_get_element(env, argv[1], i, &v));
-    NAPI_CALL(env, napi_get_value_double(env, v, &f[i]));
-  }
+  if (!(req = take_req(env, argv[0]))) return NULL;
+  if (!get_numbers(env, argv[1], f, 7) || !is_integer_in(f[0], 1, UINT32_LIMIT) ||
+      !is_integer_in(f[1], 0, INT64_LIMIT) || !is_integer_in(f[2], 0, INT64_LIMIT) ||
+      !is_integer_in(f[3], 0, INT64_LIMIT) || !is_integer_in(f[4], 0, INT64_LIMIT) ||
+      !is_integer_in(f[5], 0, INT64_LIMIT) || !is_integer_in(f[6], 0, UINT32_LIMIT))
+    return answer_bad_reply(env, req, "replyStatfs(req, statfs): statfs must be 7 non-negative integers, bsize > 0");
   memset(&sv, 0, sizeof sv);
   sv.f_bsize = sv.f_frsize = (unsigned long)f[0];
   sv.f_blocks = (fsblkcnt_t)f[1];
@@ -880,9 +994,10 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
   c->kind = HOST_FALLOCATE;
   if (napi_get_value_int32(env, argv[0], &c->fd) != napi_ok ||
       napi_get_value_int32(env, argv[1], &c->mode) != napi_ok ||
-      get_int64(env, argv[2], &c->offset) < 0 || get_int64(env, argv[3], &c->length) < 0) {
+      !get_integer(env, argv[2], 0, INT64_LIMIT, &c->offset) ||
+      !get_integer(env, argv[3], 0, INT64_LIMIT, &c->length)) {
     free(c);
-    napi_throw_type_error(env, "ERR_VDISK_ARG", "fallocate(fd, mode, offset, length)");
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "fallocate(fd, mode, offset, length): offset and length must be integers from 0 to 2^63-1");
     return NULL;
   }
   return queue_host_call(env, c);
@@ -897,10 +1012,10 @@ static napi_value js_lseek(napi_env env, napi_callback_info info) {
   if (!(c = calloc(1, sizeof *c))) return throw_errno(env, ENOMEM, "calloc");
   c->kind = HOST_LSEEK;
   if (napi_get_value_int32(env, argv[0], &c->fd) != napi_ok ||
-      get_int64(env, argv[1], &c->offset) < 0 ||
+      !get_integer(env, argv[1], 0, INT64_LIMIT, &c->offset) ||
       napi_get_value_int32(env, argv[2], &c->mode) != napi_ok) {
     free(c);
-    napi_throw_type_error(env, "ERR_VDISK_ARG", "lseek(fd, offset, whence)");
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "lseek(fd, offset, whence): offset must be an integer from 0 to 2^63-1");
     return NULL;
   }
   return queue_host_call(env, c);
@@ -942,13 +1057,17 @@ static napi_value js_preadv_nowait(napi_env env, napi_callback_info info) {
   uint32_t n;
   struct iovec iov[MAX_REPLY_IOV];
   ssize_t res;
+  const char *bad;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
-  if (get_int64(env, argv[2], &offset) < 0) {
-    napi_throw_type_error(env, "ERR_VDISK_ARG", "preadvNoWait(fd, buffers, offset)");
+  if (!get_integer(env, argv[2], 0, INT64_LIMIT, &offset)) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "preadvNoWait(fd, buffers, offset): offset must be an integer from 0 to 2^63-1");
     return NULL;
   }
-  if (get_iovec(env, argv[1], iov, &n) < 0) return NULL;
+  if ((bad = get_iovec(env, argv[1], iov, &n))) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", bad);
+    return NULL;
+  }
   do res = preadv2(fd, iov, (int)n, (off_t)offset, RWF_NOWAIT);
   while (res < 0 && errno == EINTR);
   NAPI_CALL(env, napi_create_double(env, res < 0 ? -(double)errno : (double)res, &result));
@@ -969,6 +1088,21 @@ static napi_value js_flock_exclusive(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* clearNonBlock(fd) -> 0, or -errno. Node cannot change an fd's flags; images are
+ * opened O_NONBLOCK so that a FIFO cannot block the open (src/drivers/regular-file.ts). */
+static napi_value js_clear_nonblock(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  int32_t fd;
+  int fl, res = 0;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  NAPI_CALL(env, napi_get_value_int32(env, argv[0], &fd));
+  fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || ((fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)) res = -errno;
+  NAPI_CALL(env, napi_create_int32(env, res, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static const struct {
     const char *name;
@@ -983,12 +1117,14 @@ static napi_value init(napi_env env, napi_value exports) {
       {"replyStatfs", js_reply_statfs}, {"fallocate", js_fallocate},
       {"lseek", js_lseek},           {"umount", js_umount},
       {"preadvNoWait", js_preadv_nowait}, {"flockExclusive", js_flock_exclusive},
+      {"clearNonBlock", js_clear_nonblock},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;
     NAPI_CALL(env, napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &fn));
     NAPI_CALL(env, napi_set_named_property(env, exports, fns[i].name, fn));
   }
+  NAPI_CALL(env, vdisk_register_peercred(env, exports));
   return exports;
 }
 

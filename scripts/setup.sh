@@ -13,10 +13,11 @@ need_root() {
 }
 
 # Debian packages: the FUSE library and tools, the native build chain, and the
-# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl).
+# real tools the tests and the demo drive (qemu-img, fio, nginx, genisoimage/isoinfo, curl, openssl,
+# losetup from mount for the block-device test).
 # qemu-block-extra is qemu's curl module: qemu-img on an http(s) backing needs it,
 # and --no-install-recommends would otherwise drop it.
-packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils qemu-block-extra fio ca-certificates nginx-light genisoimage curl openssl)
+packages=(libfuse3-dev fuse3 pkg-config make g++ python3 qemu-utils qemu-block-extra fio ca-certificates nginx-light genisoimage curl openssl mount)
 command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
@@ -41,7 +42,9 @@ fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
-if [ ! -f build/Release/vdisk_fuse.node ] || [ native/vdisk_fuse.c -nt build/Release/vdisk_fuse.node ]; then
+# Rebuild the addon when any of its sources (or binding.gyp) is newer than it.
+addon=build/Release/vdisk_fuse.node
+if [ ! -f "$addon" ] || [ -n "$(find native binding.gyp -newer "$addon" -print -quit)" ]; then
   npm run --silent build:native >/dev/null
 fi
 npm run --silent build

@@ -21,10 +21,12 @@ export const ERROR_TABLE = {
   ENODEV: { errno: E.ENODEV, message: 'no such device' },
   ECANCELED: { errno: E.ECANCELED, message: 'operation canceled' },
   EEXIST: { errno: E.EEXIST, message: 'file exists' },
+  EFBIG: { errno: E.EFBIG, message: 'file too large for the filesystem' },
   ERR_USAGE: { errno: E.EINVAL, message: 'bad command-line usage' },
   ERR_IMAGE_NOT_FOUND: { errno: E.ENOENT, message: 'image file not found' },
   ERR_IMAGE_FORMAT: { errno: E.EINVAL, message: 'unknown or unsupported image format' },
   ERR_IMAGE_CORRUPT: { errno: E.EIO, message: 'the image is corrupt' },
+  ERR_NOT_A_FILE: { errno: E.EINVAL, message: 'the image is not a regular file (a FIFO, a device, a directory)' },
   ERR_MOUNTPOINT: { errno: E.EINVAL, message: 'the mountpoint must be an existing regular file' },
   ERR_ALREADY_MOUNTED: { errno: E.EBUSY, message: 'the mountpoint is already mounted' },
   ERR_NOT_MOUNTED: { errno: E.EINVAL, message: 'nothing is mounted there' },
@@ -35,6 +37,9 @@ export const ERROR_TABLE = {
   ERR_HTTP_TLS: { errno: E.EIO, message: "the HTTPS server's certificate is not trusted" },
   ERR_REMOTE_CHANGED: { errno: E.EIO, message: 'the remote image changed since it was opened' },
   ERR_NATIVE_ADDON: { errno: E.ENOSYS, message: 'the native addon is not built' },
+  ERR_UNSAFE_PATH: { errno: E.EACCES, message: 'a directory is not safe to use: a symlink, or owned or writable by another user' },
+  ERR_CONTROL_PEER: { errno: E.EACCES, message: 'the control socket is served by another user' },
+  ERR_BACKING_CONFINED: { errno: E.EACCES, message: 'a backing file lies outside --backing-confine, or is remote without --allow-remote' },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_TABLE;

@@ -4,7 +4,13 @@ import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { VdiskError } from './errors.js';
 
-/** An opaque FUSE request handle; answered exactly once through a reply*() call. */
+/**
+ * An opaque FUSE request handle; answered exactly once through a reply*() call.
+ * A reply whose arguments the kernel cannot be told (not a number, NaN, a
+ * fraction, out of range) still answers, with EIO, then throws
+ * ERR_VDISK_REPLY_ARG; a second reply to one request is not sent but throws
+ * ERR_VDISK_ANSWERED.
+ */
 export type FuseReq = { readonly __fuseReq: unique symbol };
 export type FuseSessionHandle = { readonly __fuseSession: unique symbol };
 
@@ -28,6 +34,7 @@ export interface NativeAddon {
   stop(session: FuseSessionHandle): void;
   /** Release the session; aborts the connection if the mount is still there. */
   close(session: FuseSessionHandle): void;
+  /** errno 0 (success) to 511; anything else answers EIO. */
   replyErr(req: FuseReq, errno: number): void;
   replyRead(req: FuseReq, buffers: Buffer[]): void;
   /** The same reply, copied into the kernel on a thread-pool thread; keep the buffers until it settles. */
@@ -39,6 +46,7 @@ export interface NativeAddon {
   replyAttr(req: FuseReq, attr: number[], timeoutSec: number): void;
   /** statfs: [bsize, blocks, bfree, bavail, files, ffree, namemax] */
   replyStatfs(req: FuseReq, statfs: number[]): void;
+  /** Offsets and lengths here are integers from 0 to 2^63-1, else ERR_VDISK_ARG is thrown. */
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
   lseek(fd: number, offset: number, whence: number): Promise<number>;
   umount(path: string, flags: number): Promise<number>;
@@ -46,6 +54,10 @@ export interface NativeAddon {
   preadvNoWait(fd: number, buffers: Buffer[], offset: number): number;
   /** flock(LOCK_EX|LOCK_NB): 0, or -errno. */
   flockExclusive(fd: number): number;
+  /** SO_PEERCRED of a connected UNIX socket: [pid, uid, gid], or -errno. */
+  peerCredentials(fd: number): [number, number, number] | number;
+  /** fcntl(F_SETFL) without O_NONBLOCK: 0, or -errno. */
+  clearNonBlock(fd: number): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -54,6 +66,8 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const MNT_DETACH = 2;
+/** umount2(): do not follow a symlink in the last component (a mount is on the file itself). */
+export const UMOUNT_NOFOLLOW = 8;
 
 let addon: NativeAddon | null = null;
 

@@ -7,9 +7,13 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlockNode, type DetectZeroes, type DiscardMode } from './node.js';
 import { FileDriver } from '../drivers/file.js';
+import { ProbedRawDriver } from '../drivers/probed-raw.js';
+import { readFileHead } from '../drivers/regular-file.js';
 import { HttpDriver, displayName, displayUrl, isHttpUrl, type HttpOptions } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { VdiskError } from '../errors.js';
+import { PROBE_BYTES, probeHead } from './probe.js';
+import { confineBacking, type BackingConfinement } from './backing-confine.js';
 
 export const SUPPORTED_FORMATS = ['raw', 'qcow2'] as const;
 /** Deeper chains than this are refused (QEMU allows far more, but nobody needs them). */
@@ -32,33 +36,22 @@ export interface OpenOptions {
   copyOnRead?: boolean;
   /** For http(s) images anywhere in the chain. */
   http?: HttpOptions;
+  /** Backing files must resolve inside this directory (--backing-confine); URLs need its allowRemote. */
+  backingConfine?: BackingConfinement;
   /** Messages worth showing the user (corrupt bit, repaired refcounts). */
   warnings?: string[];
 }
 
-const MAGICS: Array<{ format: string; magic: Buffer }> = [
-  { format: 'qcow2', magic: Buffer.from([0x51, 0x46, 0x49, 0xfb]) },
-  { format: 'qed', magic: Buffer.from('QED\0', 'latin1') },
-  { format: 'vmdk', magic: Buffer.from('KDMV', 'latin1') },
-  { format: 'vdi', magic: Buffer.from('<<< ', 'latin1') },
-];
-
 /** The format named by the image's magic bytes; 'raw' when none matches. */
-export async function probeFormat(file: string): Promise<string> {
+export async function probeFormat(file: string, allowBlockDevice = false): Promise<string> {
   let head: Buffer;
   try {
-    const fh = await fs.open(file, 'r');
-    try {
-      head = Buffer.alloc(8);
-      await fh.read(head, 0, 8, 0);
-    } finally {
-      await fh.close();
-    }
+    head = await readFileHead(file, PROBE_BYTES, allowBlockDevice);
   } catch (err) {
-    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+    if ((err as { code?: string }).code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(file)}`);
     throw err;
   }
-  return MAGICS.find((m) => head.subarray(0, m.magic.length).equals(m.magic))?.format ?? 'raw';
+  return probeHead(head);
 }
 
 /**
@@ -76,8 +69,11 @@ interface ChainState {
   depth: number;
 }
 
-/** `readOnly` is false only for the top of a chain: backing nodes are never written. */
-async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState): Promise<BlockNode> {
+/**
+ * `readOnly` is false only for the top of a chain: backing nodes are never written.
+ * `probed`: the format came from probing the file, not from the user.
+ */
+async function openNode(file: string, format: string, options: OpenOptions, readOnly: boolean, chain: ChainState, probed = false): Promise<BlockNode> {
   const shown = displayName(file);
   let real: string;
   if (isHttpUrl(file)) {
@@ -86,12 +82,14 @@ async function openNode(file: string, format: string, options: OpenOptions, read
     try {
       real = await fs.realpath(file);
     } catch {
-      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${file}`);
+      throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(file)}`);
     }
   }
   if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${shown}`);
   if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${shown}`);
   chain.seen.add(real);
+  // A block device only as the image the user named, never as a backing file (regular-file.ts).
+  const allowBlockDevice = chain.depth === 0;
   const nodeOptions = { name: shown, detectZeroes: options.detectZeroes ?? 'off', discard: options.discard ?? 'unmap' } as const;
   if (isHttpUrl(file)) {
     // Opened read-only always (openImage, openBacking): writes need a qcow2 overlay on top.
@@ -99,10 +97,16 @@ async function openNode(file: string, format: string, options: OpenOptions, read
     return new BlockNode(await HttpDriver.open(file, options.http ?? {}), nodeOptions);
   }
   switch (format) {
-    case 'raw':
-      return new BlockNode(await FileDriver.open(file, { readOnly }), nodeOptions);
+    case 'raw': {
+      const drv = await FileDriver.open(file, { readOnly, allowBlockDevice });
+      if (!probed || readOnly) return new BlockNode(drv, nodeOptions);
+      options.warnings?.push(
+        `${shown}: format probed as raw; writes that would make its first sector probe as another format are refused (EPERM). Give -f raw to lift the restriction`,
+      );
+      return new BlockNode(new ProbedRawDriver(drv, shown), nodeOptions);
+    }
     case 'qcow2': {
-      const fileNode = new BlockNode(await FileDriver.open(file, { readOnly, growable: true }), { name: file });
+      const fileNode = new BlockNode(await FileDriver.open(file, { readOnly, growable: true, allowBlockDevice }), { name: file });
       let drv: Qcow2Driver;
       try {
         drv = await Qcow2Driver.open(fileNode, readOnly ? { readOnly } : { readOnly, ...(options.l2CacheBytes ? { l2CacheBytes: options.l2CacheBytes } : {}) });
@@ -129,7 +133,9 @@ async function openNode(file: string, format: string, options: OpenOptions, read
 }
 
 async function openBacking(overlay: string, name: string, recordedFormat: string | null, options: OpenOptions, chain: ChainState): Promise<BlockNode> {
-  const file = resolveBackingPath(overlay, name);
+  let file = resolveBackingPath(overlay, name);
+  // Before anything reads the file (probing included).
+  if (options.backingConfine) file = await confineBacking(overlay, name, file, options.backingConfine);
   let format = recordedFormat ?? options.backingFormat;
   if (!format && isHttpUrl(file)) {
     throw new VdiskError('ERR_IMAGE_FORMAT', `${overlay} does not record the format of its backing ${displayUrl(file)}; give it explicitly (-F raw)`);
@@ -161,9 +167,10 @@ async function openBacking(overlay: string, name: string, recordedFormat: string
 /** Open an image file as the top node of its chain. */
 export async function openImage(file: string, options: OpenOptions = {}): Promise<BlockNode> {
   // URLs are never probed: a remote image is raw unless said otherwise.
-  const format = options.format ?? (isHttpUrl(file) ? 'raw' : await probeFormat(file));
+  const probed = options.format === undefined && !isHttpUrl(file);
+  const format = options.format ?? (probed ? await probeFormat(file, true) : 'raw');
   // A remote image on its own is read-only (writes need a qcow2 overlay on top).
-  return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 });
+  return openNode(file, format, options, Boolean(options.readOnly) || isHttpUrl(file), { seen: new Set(), depth: 0 }, probed);
 }
 
 /** The nodes of a chain, top first. */

@@ -4,6 +4,7 @@ import { openImage } from '../block/open.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { checkImage, type RepairMode } from '../drivers/qcow2/check.js';
 import { VdiskError } from '../errors.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 
 export interface CheckArgs {
   file: string;
@@ -11,17 +12,17 @@ export interface CheckArgs {
   output: 'human' | 'json';
 }
 
-export function checkOptions(y: Argv): Argv<CheckArgs> {
-  return y
+export function checkOptions(y: Argv): Argv<CheckArgs & ConfineArgs> {
+  return withConfineOptions(y)
     .positional('file', { type: 'string', demandOption: true })
     .option('repair', { alias: 'r', choices: ['leaks', 'all'] as const, describe: 'fix leaked clusters, or everything that can be fixed' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
-    .epilogue('Exit status: 0 no problems, 2 corruptions remain, 3 only leaks remain (as qemu-img check).') as unknown as Argv<CheckArgs>;
+    .epilogue('Exit status: 0 no problems, 2 corruptions remain, 3 only leaks remain (as qemu-img check).') as unknown as Argv<CheckArgs & ConfineArgs>;
 }
 
-export async function runCheck(args: CheckArgs): Promise<void> {
+export async function runCheck(args: CheckArgs & ConfineArgs): Promise<void> {
   const repair: RepairMode = args.repair ?? 'none';
-  const node = await openImage(args.file, { format: 'qcow2', readOnly: repair === 'none' });
+  const node = await openImage(args.file, { format: 'qcow2', readOnly: repair === 'none', ...confineFromArgs(args) });
   try {
     if (!(node.driver instanceof Qcow2Driver)) throw new VdiskError('ERR_IMAGE_FORMAT', 'vdisk check works on qcow2 images');
     const r = await checkImage(node.driver, repair);

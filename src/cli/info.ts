@@ -1,6 +1,7 @@
 /** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { chainOf, openImage } from '../block/open.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
@@ -16,13 +17,13 @@ export interface InfoArgs {
   'backing-chain': boolean;
 }
 
-export function infoOptions(y: Argv): Argv<InfoArgs & HttpArgs> {
-  return withHttpOptions(y)
+export function infoOptions(y: Argv): Argv<InfoArgs & HttpArgs & ConfineArgs> {
+  return withConfineOptions(withHttpOptions(y))
     .positional('file', { type: 'string', demandOption: true })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
-    .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs & HttpArgs>;
+    .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs & HttpArgs & ConfineArgs>;
 }
 
 export interface ImageInfo {
@@ -88,8 +89,8 @@ function human(info: ImageInfo): string {
   return lines.join('\n');
 }
 
-export async function runInfo(args: InfoArgs & HttpArgs): Promise<void> {
-  const node = await openImage(args.file, { ...imageOpenOptions(args), readOnly: true });
+export async function runInfo(args: InfoArgs & HttpArgs & ConfineArgs): Promise<void> {
+  const node = await openImage(args.file, { ...imageOpenOptions(args), ...confineFromArgs(args), readOnly: true });
   try {
     const nodes = args['backing-chain'] ? chainOf(node) : [node];
     const infos = await Promise.all(nodes.map(describeNode));

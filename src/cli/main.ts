@@ -51,9 +51,22 @@ async function main(argv: string[]): Promise<void> {
     .version()
     .wrap(Math.min(110, process.stdout.columns || 100))
     .fail((msg, err) => {
+      // yargs rethrows what an option's coerce threw (numbers.ts) as its own YError, code lost: a usage error.
+      if (err?.name === 'YError') throw new VdiskError('ERR_USAGE', `${err.message} (see vdisk --help)`);
       throw err ?? new VdiskError('ERR_USAGE', `${msg} (see vdisk --help)`);
     })
     .parseAsync();
+}
+
+// A reader that stops early (`vdisk map img | head`) closes the pipe: what is
+// left of the output has nobody to read it, which is no error of ours. Without a
+// listener Node throws EPIPE from the write and the process dies with a stack;
+// a mount must never die that way, so the output is dropped and work goes on.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE' || err.code === 'ERR_STREAM_DESTROYED') return;
+    throw err;
+  });
 }
 
 main(hideBin(process.argv)).catch((err: unknown) => {

@@ -1,6 +1,7 @@
 /** `vdisk map`: which ranges hold data, read as zero, and which node holds them (like `qemu-img map`). */
 import type { Argv } from 'yargs';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import type { BlockNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
@@ -22,12 +23,12 @@ export interface MapEntry {
   offset?: number;
 }
 
-export function mapOptions(y: Argv): Argv<MapArgs & HttpArgs> {
-  return withHttpOptions(y)
+export function mapOptions(y: Argv): Argv<MapArgs & HttpArgs & ConfineArgs> {
+  return withConfineOptions(withHttpOptions(y))
     .positional('file', { type: 'string', demandOption: true })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'] })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
-    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs & HttpArgs>;
+    .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs & HttpArgs & ConfineArgs>;
 }
 
 function depthOf(top: BlockNode, node: BlockNode | null): number {
@@ -54,8 +55,8 @@ export async function mapImage(top: BlockNode): Promise<MapEntry[]> {
   return out;
 }
 
-export async function runMap(args: MapArgs & HttpArgs): Promise<void> {
-  const node = await openImage(args.file, { ...imageOpenOptions(args), readOnly: true });
+export async function runMap(args: MapArgs & HttpArgs & ConfineArgs): Promise<void> {
+  const node = await openImage(args.file, { ...imageOpenOptions(args), ...confineFromArgs(args), readOnly: true });
   try {
     const entries = await mapImage(node);
     if (args.output === 'json') {

@@ -4,14 +4,16 @@ import { chainOf, openImage } from '../block/open.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
-import { ERROR_TABLE, VdiskError, type ErrorCode } from '../errors.js';
-import { formatSize, parseSize } from './util.js';
+import { ERROR_TABLE, VdiskError, codeOf, type ErrorCode } from '../errors.js';
+import { formatSize } from './util.js';
+import { OPTION_NUMBERS, coerceWith, parseInteger, parseSize } from './numbers.js';
 import fs from 'node:fs/promises';
-import { HttpDriver } from '../drivers/http.js';
+import { HttpDriver, displayName } from '../drivers/http.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
 export function statsLine(exp: FuseExport, top: BlockNode): string {
@@ -40,9 +42,9 @@ export function parseInjectRule(text: string): BlkdebugRule {
     throw new VdiskError('ERR_USAGE', `bad --inject '${text}' (form OP:CODE[@OFFSET[+BYTES]][*COUNT], e.g. read:EIO@1M+4096)`);
   }
   const rule: BlkdebugRule = { op: m[1] as BlkdebugOp, error: m[2] as ErrorCode };
-  if (m[3] !== undefined) rule.offset = parseSize(m[3]);
-  if (m[4] !== undefined) rule.bytes = parseSize(m[4]);
-  if (m[5] !== undefined) rule.count = Number(m[5]);
+  if (m[3] !== undefined) rule.offset = parseSize(m[3], `the offset of --inject '${text}'`);
+  if (m[4] !== undefined) rule.bytes = parseSize(m[4], `the length of --inject '${text}'`, { min: 1, max: Number.MAX_SAFE_INTEGER });
+  if (m[5] !== undefined) rule.count = parseInteger(m[5], `the count of --inject '${text}'`, { min: 1, max: Number.MAX_SAFE_INTEGER });
   return rule;
 }
 
@@ -58,7 +60,7 @@ export interface MountArgs {
   mountpoint: string;
   format?: string;
   'backing-format'?: string;
-  'l2-cache-size'?: string;
+  'l2-cache-size'?: number;
   'read-only': boolean;
   'allow-other': boolean;
   discard: 'ignore' | 'unmap';
@@ -66,17 +68,17 @@ export interface MountArgs {
   'direct-io'?: boolean;
   'readahead-kb': number;
   stats: boolean;
-  inject: string[];
+  inject: BlkdebugRule[];
   'copy-on-read'?: boolean;
 }
 
-export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
-  return withHttpOptions(y)
+export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs & ConfineArgs> {
+  return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
     .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name (never probed as raw)' })
-    .option('l2-cache-size', { type: 'string', describe: 'qcow2: memory for cached L2 tables (default 4M)' })
+    .option('l2-cache-size', { type: 'string', coerce: coerceWith('--l2-cache-size', OPTION_NUMBERS.l2CacheBytes), describe: 'qcow2: memory for cached L2 tables (default 4M)' })
     .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'refuse writes (EROFS); opens the image read-only' })
     .option('allow-other', { type: 'boolean', default: false, describe: 'let other users open the file (mode 0644 instead of 0600)' })
     .option('discard', { choices: ['ignore', 'unmap'] as const, default: 'unmap' as const, describe: 'unmap: punch-hole frees space in the image; ignore: it only writes zeroes' })
@@ -86,7 +88,7 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
       describe:
         'bypass the kernel page cache: every read reaches vdisk, shared mmap is refused (default: on with copy-on-read, whose overlay is cached by the kernel already; off otherwise)',
     })
-    .option('readahead-kb', { type: 'number', default: 1024, describe: 'kernel readahead for the mount in KiB (root only)' })
+    .option('readahead-kb', { type: 'string', default: 1024, coerce: coerceWith('--readahead-kb', OPTION_NUMBERS.readaheadKiB), describe: 'kernel readahead for the mount in KiB, 0 to 1048576 (root only)' })
     .option('stats', { type: 'boolean', default: false, describe: 'print request counters on exit (reads, bytes fetched from the backing chain, bytes copied into the overlay)' })
     .option('copy-on-read', {
       type: 'boolean',
@@ -97,11 +99,14 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs> {
       array: true,
       nargs: 1,
       default: [],
+      // Parsed with the other options: a bad rule is refused before anything is opened.
+      coerce: (rules: string[]) => rules.map(parseInjectRule),
       describe: 'fault injection for testing: OP:CODE[@OFFSET[+BYTES]][*COUNT], OP one of read|write|zero|discard|flush|status, e.g. read:EIO@1048576+4096',
-    }) as unknown as Argv<MountArgs & HttpArgs>;
+    }) as unknown as Argv<MountArgs & HttpArgs & ConfineArgs>;
 }
 
-export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
+export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promise<void> {
+  const confine = confineFromArgs(args);
   // The mountpoint first: a clearer error than the image lock when it is mounted already.
   await checkMountpoint(args.mountpoint);
   const warnings: string[] = [];
@@ -111,7 +116,8 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     discard: args.discard,
     warnings,
     ...imageOpenOptions(args),
-    l2CacheBytes: args['l2-cache-size'] === undefined ? undefined : parseSize(args['l2-cache-size']),
+    ...confine,
+    l2CacheBytes: args['l2-cache-size'],
     copyOnRead: args['copy-on-read'],
   });
   if (args['copy-on-read'] && !image.copyOnRead) {
@@ -126,7 +132,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
     const how = directIo ? 'direct I/O; --no-direct-io keeps a page cache' : 'page cache on';
     process.stderr.write(`vdisk: copy-on-read: blocks read from ${image.backing!.name} are kept in ${image.name} (${how})\n`);
   }
-  const node = args.inject.length ? withFaults(image, args.inject.map(parseInjectRule)) : image;
+  const node = args.inject.length ? withFaults(image, args.inject) : image;
   let exp: FuseExport;
   try {
     exp = await FuseExport.start(node, {
@@ -145,7 +151,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   let control: ControlServer | null = null;
   if (image.driver instanceof Qcow2Driver && !image.readOnly) {
     control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
-      process.stderr.write(`vdisk: warning: no control socket (${(err as Error).message}); vdisk stream cannot reach this mount\n`);
+      process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream cannot reach this mount\n`);
       return null;
     });
   }
@@ -164,7 +170,7 @@ export async function runMount(args: MountArgs & HttpArgs): Promise<void> {
   for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, () => onSignal(s));
 
   process.stderr.write(
-    `vdisk: serving ${args.image} (${node.driver.formatName}, ${formatSize(node.size())}${exp.node.readOnly || args['read-only'] ? ', read-only' : ''}) on ${exp.mountpoint}; Ctrl-C or 'vdisk unmount ${args.mountpoint}' stops\n`,
+    `vdisk: serving ${displayName(args.image)} (${node.driver.formatName}, ${formatSize(node.size())}${exp.node.readOnly || args['read-only'] ? ', read-only' : ''}) on ${exp.mountpoint}; Ctrl-C or 'vdisk unmount ${args.mountpoint}' stops\n`,
   );
 
   await exp.ended;

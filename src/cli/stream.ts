@@ -1,12 +1,13 @@
 /** `vdisk stream`: pull everything an image still takes from its backing chain into it. */
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import type { Argv } from 'yargs';
 import { openImage } from '../block/open.js';
-import { controlSocketPath } from '../export/control.js';
+import { connectControl } from '../export/control.js';
 import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
 import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
+import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
+import { displayName } from '../drivers/url-display.js';
 import { formatSize } from './util.js';
 
 export interface StreamArgs {
@@ -17,14 +18,14 @@ export interface StreamArgs {
   'backing-format'?: string;
 }
 
-export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs> {
-  return withHttpOptions(y)
+export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs & ConfineArgs> {
+  return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'a qcow2 image with a backing file (mounted or not)' })
     .option('drop-backing', { type: 'boolean', default: false, describe: 'when complete, remove the backing link so the image stands alone' })
     .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar and the rate' })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
-    .epilogue('Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job.') as unknown as Argv<StreamArgs & HttpArgs>;
+    .epilogue('Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job.') as unknown as Argv<StreamArgs & HttpArgs & ConfineArgs>;
 }
 
 /** At most this often a new progress line (without a terminal, each one is a line of output). */
@@ -65,12 +66,8 @@ function report(args: StreamArgs, r: StreamResult): void {
 }
 
 /** Ask the mount process that holds the image to run the job; null if nobody serves it. */
-async function viaMount(args: StreamArgs, socketPath: string, bar: ProgressBar): Promise<StreamResult | null> {
-  const sock = await new Promise<net.Socket | null>((resolve) => {
-    const s = net.connect(socketPath);
-    s.once('connect', () => resolve(s));
-    s.once('error', () => resolve(null));
-  });
+async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBar): Promise<StreamResult | null> {
+  const sock = await connectControl(imageRealPath);
   if (!sock) return null;
   // Closing the connection is what stops the job in the mount process.
   let interrupted = false;
@@ -110,20 +107,21 @@ async function viaMount(args: StreamArgs, socketPath: string, bar: ProgressBar):
   }
 }
 
-export async function runStream(args: StreamArgs & HttpArgs): Promise<void> {
+export async function runStream(args: StreamArgs & HttpArgs & ConfineArgs): Promise<void> {
+  const confine = confineFromArgs(args);
   let real: string;
   try {
     real = await fs.realpath(args.image);
   } catch {
-    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${args.image}`);
+    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(args.image)}`);
   }
   const bar = new ProgressBar(args.progress);
-  const remote = await viaMount(args, controlSocketPath(real), bar);
+  const remote = await viaMount(args, real, bar);
   if (remote) {
     bar.end();
     return report(args, remote);
   }
-  const top = await openImage(args.image, { ...imageOpenOptions(args), format: 'qcow2', copyOnRead: false });
+  const top = await openImage(args.image, { ...imageOpenOptions(args), ...confine, format: 'qcow2', copyOnRead: false });
   const abort = new AbortController();
   const onSignal = () => abort.abort();
   process.once('SIGINT', onSignal);

@@ -1,11 +1,9 @@
 /** `vdisk unmount`: end a vdisk mount, also one whose process died. */
 import { spawn } from 'node:child_process';
-import fs from 'node:fs/promises';
-import path from 'node:path';
 import type { Argv } from 'yargs';
 import { VdiskError } from '../errors.js';
-import { mountedPaths } from '../export/mountpoint.js';
-import { MNT_DETACH, native } from '../native.js';
+import { mountedPaths, mountinfoPath } from '../export/mountpoint.js';
+import { MNT_DETACH, UMOUNT_NOFOLLOW, native } from '../native.js';
 
 export interface UnmountArgs {
   mountpoint: string;
@@ -29,10 +27,11 @@ function fusermount(mountpoint: string, lazy: boolean): Promise<void> {
 }
 
 export async function runUnmount(args: UnmountArgs): Promise<void> {
-  // Resolve the directory, not the file: a mount whose server died answers ENOTCONN to any lookup.
+  // Resolve the directory, not the file: a mount whose server died answers ENOTCONN to any
+  // lookup, and a mount is on the file itself, never on what a symlink names (as vdisk mount).
   let real: string;
   try {
-    real = path.join(await fs.realpath(path.dirname(path.resolve(args.mountpoint))), path.basename(args.mountpoint));
+    real = await mountinfoPath(args.mountpoint);
   } catch {
     throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} does not exist`);
   }
@@ -41,7 +40,7 @@ export async function runUnmount(args: UnmountArgs): Promise<void> {
   if (!fstype.startsWith('fuse')) throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} is a ${fstype} mount, not vdisk's`);
   if (process.getuid?.() !== 0) return fusermount(real, args.lazy);
   try {
-    await native().umount(real, args.lazy ? MNT_DETACH : 0);
+    await native().umount(real, (args.lazy ? MNT_DETACH : 0) | UMOUNT_NOFOLLOW);
   } catch (err) {
     if ((err as { code?: string }).code === 'EBUSY') {
       throw new VdiskError('EBUSY', `${args.mountpoint} is busy (a file is open on it); close it or use --lazy`);

@@ -1,17 +1,9 @@
 /** Shared CLI helpers: sizes, output, and the one-line error convention. */
 import { VdiskError, codeOf } from '../errors.js';
+import { redact } from '../secrets.js';
 
-const UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
-
-/** "10G", "512M", "1.5GiB", "4096" -> bytes (binary units, as qemu-img). */
-export function parseSize(text: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtpb]?)(?:i?b)?\s*$/i.exec(text);
-  const unit = UNITS[(m?.[2] ?? '').toLowerCase()];
-  if (!m || unit === undefined) throw new VdiskError('ERR_USAGE', `bad size '${text}' (examples: 1073741824, 512M, 10G)`);
-  const bytes = Math.round(Number(m[1]) * unit);
-  if (!Number.isSafeInteger(bytes)) throw new VdiskError('ERR_USAGE', `size '${text}' is too large`);
-  return bytes;
-}
+/** Sizes are parsed with every other number of the command line, in numbers.ts. */
+export { parseSize } from './numbers.js';
 
 export function formatSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
@@ -28,8 +20,9 @@ export function formatSize(bytes: number): string {
 export function reportError(err: unknown): void {
   const code = codeOf(err);
   const message = (err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' ');
-  process.stderr.write(`vdisk: error ${code}: ${message}\n`);
-  if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  // redact(): messages name images by their display form already; this catches one that quotes a URL anyway.
+  process.stderr.write(`vdisk: error ${code}: ${redact(message)}\n`);
+  if (process.env['DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${redact(err.stack)}\n`);
 }
 
 export function exitCodeOf(err: unknown): number {

@@ -10,6 +10,7 @@ import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.
 import { VdiskError, notSupported } from '../errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, SEEK_DATA, SEEK_HOLE, native } from '../native.js';
 import { tracer } from '../trace.js';
+import { openRegularFile } from './regular-file.js';
 
 const trace = tracer('raw');
 const EAGAIN = osConstants.errno.EAGAIN;
@@ -33,8 +34,10 @@ const SERIAL_WRITE_MIN_BYTES = 256 * 1024;
 
 export interface FileOpenOptions {
   readOnly?: boolean;
-  /** Allow writes past the end (the file under a format driver). */
+  /** Allow writes past the end (the file under a format driver; never a block device). */
   growable?: boolean;
+  /** Accept a block device (only the image the user named: regular-file.ts says why). */
+  allowBlockDevice?: boolean;
 }
 
 function readv(fd: number, iov: Buffer[], position: number): Promise<number> {
@@ -88,8 +91,12 @@ export class FileDriver implements BlockDriver {
   /** The last large write queued: the next one starts after it (SERIAL_WRITE_MIN_BYTES). */
   private largeWrites: Promise<void> = Promise.resolve();
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean, growable: boolean) {
+  /** A block device has a fixed size and every byte of it is "allocated". */
+  private readonly blockDevice: boolean;
+
+  private constructor(path: string, fd: number, size: number, readOnly: boolean, growable: boolean, blockDevice: boolean) {
     this.path = path;
+    this.blockDevice = blockDevice;
     this.fd = fd;
     this.bytes = size;
     this.readOnly = readOnly;
@@ -99,21 +106,20 @@ export class FileDriver implements BlockDriver {
   static async open(path: string, options: FileOpenOptions = {}): Promise<FileDriver> {
     const readOnly = options.readOnly ?? false;
     let fd: number;
+    let size: number;
+    let blockDevice: boolean;
     try {
-      fd = await new Promise<number>((resolve, reject) =>
-        fs.open(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, (err, n) => (err ? reject(err) : resolve(n))),
-      );
+      // A FIFO or device is refused without blocking in open() (ERR_NOT_A_FILE).
+      ({ fd, size, blockDevice } = await openRegularFile(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, options.allowBlockDevice));
     } catch (err) {
+      if (err instanceof VdiskError) throw err;
       const code = (err as { code?: string }).code;
       if (code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`, { cause: err });
       if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${path}${readOnly ? '' : ' for writing'}: permission denied`, { cause: err });
+      // O_EXCL on a block device: the kernel has it mounted, or another opener holds it exclusively.
+      if (code === 'EBUSY') throw new VdiskError('EBUSY', `${path} is in use (a mounted block device?)`, { cause: err });
       if (code === 'EROFS') throw new VdiskError('EROFS', `${path} is on a read-only filesystem (use --read-only)`, { cause: err });
       throw err;
-    }
-    const st = await fstat(fd);
-    if (!st.isFile()) {
-      fs.closeSync(fd);
-      throw new VdiskError('ERR_IMAGE_FORMAT', `${path} is not a regular file`);
     }
     // One writer at a time: a second process writing the same image would corrupt it.
     const locked = readOnly ? 0 : native().flockExclusive(fd);
@@ -123,8 +129,8 @@ export class FileDriver implements BlockDriver {
     }
     // A filesystem without locks (ENOLCK on some NFS) is no reason to refuse the image.
     if (locked !== 0) trace('no lock on %s (errno %d): a second writer would not be refused', path, -locked);
-    trace('open path=%s size=%d readOnly=%s', path, st.size, readOnly);
-    return new FileDriver(path, fd, st.size, readOnly, options.growable ?? false);
+    trace('open path=%s size=%d readOnly=%s blockDevice=%s', path, size, readOnly, blockDevice);
+    return new FileDriver(path, fd, size, readOnly, !blockDevice && (options.growable ?? false), blockDevice);
   }
 
   size(): number {
@@ -172,6 +178,7 @@ export class FileDriver implements BlockDriver {
   }
 
   async truncate(size: number): Promise<void> {
+    if (this.blockDevice) throw new VdiskError('EINVAL', `${this.path} is a block device: its size is fixed`);
     await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(err) : resolve())));
     this.bytes = size;
   }
@@ -240,6 +247,7 @@ export class FileDriver implements BlockDriver {
   }
 
   async allocatedBytes(): Promise<number> {
+    if (this.blockDevice) return this.bytes;
     return (await fstat(this.fd)).blocks * 512;
   }
 

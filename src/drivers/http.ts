@@ -14,9 +14,16 @@
  *   a read waits for its own bytes, not for the whole range holding them.
  *   Fetched ranges are kept in a small bounded cache.
  * - Connection errors, timeouts and 5xx/429 answers are retried with backoff
- *   (honouring Retry-After), bounded in count and time.
+ *   (honouring Retry-After up to --http-timeout or 10 s), bounded in count and time.
+ * - Every range GET has a deadline for its last byte (http-numbers.ts:
+ *   --http-timeout plus the bytes at 64 KiB/s): a server trickling bytes
+ *   cannot hold a read longer than that, retries and their budget aside.
+ * - Numbers from the server (Content-Range, Content-Length, Retry-After) are
+ *   checked before use: a size that is not a safe integer is refused at open.
+ * - Redirects are followed, but never from https to plain http (http-redirects.ts).
  * - Credentials in the URL become an Authorization header and never appear in
- *   messages or traces; neither does the query string.
+ *   messages or traces; neither does the query string (url-display.ts), and
+ *   header values are registered as secrets that traces mask (secrets.ts).
  */
 import fs from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,7 +31,13 @@ import { Agent, interceptors, type Dispatcher } from 'undici';
 import type { BlockDriver } from '../block/driver.js';
 import { iovSlice } from '../block/iov.js';
 import { VdiskError } from '../errors.js';
+import { addSecret } from '../secrets.js';
 import { tracer } from '../trace.js';
+import { MAX_RETRY_AFTER_MS, contentLengthIs, parseContentRange, parseRetryAfter, quoteHeader, rangeDeadlineMs } from './http-numbers.js';
+import { httpsOnly } from './http-redirects.js';
+import { displayUrl } from './url-display.js';
+
+export { displayName, displayUrl, isHttpUrl } from './url-display.js';
 
 const trace = tracer('http');
 
@@ -70,25 +83,6 @@ const DEFAULTS = {
   readaheadMaxBytes: 16 * 1024 * 1024,
   cacheBytes: 64 * 1024 * 1024,
 };
-
-/** The URL as it may be shown: no credentials, no query. */
-export function displayUrl(url: string | URL): string {
-  try {
-    const u = new URL(url);
-    return `${u.protocol}//${u.host}${u.pathname}`;
-  } catch {
-    return '<bad url>';
-  }
-}
-
-/** A file name as it is, a URL as it may be shown (displayUrl). */
-export function displayName(name: string): string {
-  return isHttpUrl(name) ? displayUrl(name) : name;
-}
-
-export function isHttpUrl(name: string): boolean {
-  return /^https?:\/\//i.test(name);
-}
 
 class RetryableError extends Error {
   retryAfterMs: number | undefined;
@@ -173,13 +167,13 @@ class RangeBuffer {
   }
 }
 
-function parseRetryAfter(value: string | string[] | undefined): number | undefined {
-  const v = Array.isArray(value) ? value[0] : value;
-  if (!v) return undefined;
-  const secs = Number(v);
-  if (Number.isFinite(secs)) return Math.max(0, secs * 1000);
-  const date = Date.parse(v);
-  return Number.isFinite(date) ? Math.max(0, date - Date.now()) : undefined;
+/**
+ * A header undici would refuse, refused first as a usage error (undici's error has no
+ * code of ours). Neither the value nor a bad name is quoted: either may hold a credential.
+ */
+function checkHeader(name: string, value: string): void {
+  if (!/^[!#$%&'*+.^_`|~0-9a-z-]+$/i.test(name)) throw new VdiskError('ERR_USAGE', 'an HTTP header name has a character HTTP does not allow in names');
+  if (/[\0-\x08\x0a-\x1f\x7f]/.test(value)) throw new VdiskError('ERR_USAGE', `the value of HTTP header '${name}' has a control character (a line break?)`);
 }
 
 function header(h: Record<string, string | string[] | undefined>, name: string): string | undefined {
@@ -213,13 +207,23 @@ export class HttpDriver implements BlockDriver {
 
   private constructor(url: URL, options: HttpOptions) {
     this.options = { ...DEFAULTS, ...options };
+    // The CLI checks its options; this guards other callers (a NaN timeout would fire every deadline at once).
+    if (!(this.options.timeoutMs > 0 && this.options.timeoutMs <= 2 ** 31 - 1)) throw new VdiskError('ERR_USAGE', `HTTP timeout ${this.options.timeoutMs} ms is not between 1 ms and 24 days`);
     this.headers = { 'user-agent': 'vdisk', ...(options.headers ?? {}) };
     // Credentials move from the URL into a header, so the URL can be shown.
     if (url.username || url.password) {
       const cred = `${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`;
       this.headers['authorization'] ??= `Basic ${Buffer.from(cred).toString('base64')}`;
+      addSecret(url.password);
+      addSecret(decodeURIComponent(url.password));
       url.username = '';
       url.password = '';
+    }
+    // Whatever slips past the display form is masked in traces and error lines.
+    addSecret(url.search.slice(1));
+    for (const [name, value] of Object.entries(this.headers)) {
+      if (name !== 'user-agent') addSecret(value);
+      checkHeader(name, value);
     }
     this.url = url;
     this.name = displayUrl(url);
@@ -237,7 +241,11 @@ export class HttpDriver implements BlockDriver {
       headersTimeout: this.options.timeoutMs,
       bodyTimeout: this.options.timeoutMs,
       connect,
-    }).compose(interceptors.redirect({ maxRedirections: this.options.maxRedirects }));
+    }).compose([
+      // Below the redirect interceptor, so that it sees every hop.
+      ...(url.protocol === 'https:' ? [httpsOnly(this.name)] : []),
+      interceptors.redirect({ maxRedirections: this.options.maxRedirects }),
+    ]);
   }
 
   static async open(url: string, options: HttpOptions = {}): Promise<HttpDriver> {
@@ -283,9 +291,14 @@ export class HttpDriver implements BlockDriver {
     if (status === 404 || status === 410) throw new VdiskError('ERR_IMAGE_NOT_FOUND', `${this.name}: HTTP ${status}`);
     if (status === 401 || status === 403) throw new VdiskError('EACCES', `${this.name}: HTTP ${status} (credentials? --header 'Authorization: ...')`);
     if (status !== 206) throw new VdiskError('ERR_HTTP', `${this.name}: HTTP ${status} to a range request`);
-    const total = /\/(\d+)\s*$/.exec(header(res.headers, 'content-range') ?? '')?.[1];
-    if (total === undefined) throw new VdiskError('ERR_HTTP', `${this.name}: a 206 answer without the total size in Content-Range`);
-    this.bytes = Number(total);
+    // The size goes to the kernel as an off_t and into every offset computed here: a safe integer or nothing.
+    const contentRange = header(res.headers, 'content-range');
+    const range = parseContentRange(contentRange);
+    if (!range || range.start !== 0 || range.end !== 0) {
+      throw new VdiskError('ERR_HTTP', `${this.name}: unusable Content-Range ${quoteHeader(contentRange)} in the answer to bytes=0-0 (want 'bytes 0-0/SIZE', SIZE below 2^53)`);
+    }
+    if (range.total === null) throw new VdiskError('ERR_HTTP', `${this.name}: a 206 answer without the total size in Content-Range`);
+    this.bytes = range.total;
     // If-Range takes a strong ETag only (RFC 9110 13.1.5): a weak one gives way to Last-Modified.
     const etag = header(res.headers, 'etag');
     this.validator = (etag && !etag.startsWith('W/') ? etag : undefined) ?? header(res.headers, 'last-modified') ?? null;
@@ -318,7 +331,9 @@ export class HttpDriver implements BlockDriver {
           err instanceof RetryableError ||
           /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EAI_AGAIN|UND_ERR_SOCKET|UND_ERR_HEADERS_TIMEOUT|UND_ERR_BODY_TIMEOUT|UND_ERR_CONNECT_TIMEOUT|UND_ERR_CLOSED|ERR_SHORT_BODY)$/.test(code);
         if (!retryable) throw this.explainTls(err) ?? err;
-        const wait = Math.min(err instanceof RetryableError && err.retryAfterMs !== undefined ? err.retryAfterMs : delay, 10_000);
+        // A Retry-After is sat out no longer than an answer is waited for (--http-timeout), and never over 10 s.
+        const retryAfter = err instanceof RetryableError ? err.retryAfterMs : undefined;
+        const wait = retryAfter === undefined ? delay : Math.min(retryAfter, this.options.timeoutMs, MAX_RETRY_AFTER_MS);
         if (n >= this.options.retries || Date.now() - started + wait > this.options.retryBudgetMs) {
           throw new VdiskError('EIO', `${this.name}: ${what} failed after ${n + 1} attempts: ${(err as Error).message}`);
         }
@@ -349,7 +364,8 @@ export class HttpDriver implements BlockDriver {
   /**
    * One GET of [start + received, end) with the validator, through undici's
    * dispatch API: body chunks go straight into the range as they arrive, with
-   * no stream object in between. Resolves when the range is complete.
+   * no stream object in between. Resolves when the range is complete, fails
+   * (retryably) when it is not complete by its deadline.
    */
   private get(range: RangeBuffer): Promise<void> {
     const start = range.start + range.received;
@@ -358,19 +374,32 @@ export class HttpDriver implements BlockDriver {
     const headers: Record<string, string> = { ...this.headers, range: `bytes=${start}-${end - 1}` };
     if (this.validator) headers['if-range'] = this.validator;
     this.stats.requests++;
+    const deadlineMs = rangeDeadlineMs(end - start, this.options.timeoutMs);
     return new Promise<void>((resolve, reject) => {
       let settled = false;
+      /** The latest hop's (redirects make several). */
+      let controller: Dispatcher.DispatchController | null = null;
       const settle = (err?: Error) => {
         if (settled) return;
         settled = true;
+        clearTimeout(timer);
         if (err) reject(err);
         else resolve();
       };
+      const timer = setTimeout(() => {
+        const err = new RetryableError(`${end - start} bytes not complete within ${(deadlineMs / 1000).toFixed(1)} s (--http-timeout plus 1 s per 64 KiB)`);
+        trace('deadline %s: %d of %d bytes after %d ms', what, range.received - (start - range.start), end - start, deadlineMs);
+        settle(err);
+        controller?.abort(err);
+      }, deadlineMs);
       this.dispatcher.dispatch(
         { origin: this.url.origin, path: this.path, method: 'GET', headers },
         {
-          // Its presence tells undici this handler speaks the new (controller) API.
-          onRequestStart: () => undefined,
+          // Its presence also tells undici this handler speaks the new (controller) API.
+          onRequestStart: (c) => {
+            controller = c;
+            if (settled) c.abort(new Error('deadline passed'));
+          },
           onResponseStart: (controller, statusCode, resHeaders) => {
             const err = this.checkRangeAnswer(statusCode, resHeaders, start, end, what);
             if (err) {
@@ -403,9 +432,15 @@ export class HttpDriver implements BlockDriver {
   /** Why an answer to a range GET cannot be used, or null when it is the range asked for. */
   private checkRangeAnswer(statusCode: number, h: Record<string, string | string[] | undefined>, start: number, end: number, what: string): Error | null {
     if (statusCode === 206) {
-      const range = /bytes (\d+)-(\d+)\/(\d+|\*)/.exec(header(h, 'content-range') ?? '');
-      if (!range || Number(range[1]) !== start || Number(range[2]) !== end - 1) {
-        return new VdiskError('EIO', `${this.name}: asked for ${what.slice(4)}, got Content-Range '${header(h, 'content-range')}'`);
+      const range = parseContentRange(header(h, 'content-range'));
+      if (!range || range.start !== start || range.end !== end - 1) {
+        return new VdiskError('EIO', `${this.name}: asked for ${what.slice(4)}, got Content-Range ${quoteHeader(header(h, 'content-range'))}`);
+      }
+      if (range.total !== null && range.total !== this.bytes) {
+        return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (size ${this.bytes} is now ${range.total})`);
+      }
+      if (!contentLengthIs(header(h, 'content-length'), end - start)) {
+        return new VdiskError('EIO', `${this.name}: Content-Length ${quoteHeader(header(h, 'content-length'))} in the answer to ${what}, which is ${end - start} bytes`);
       }
       // If-Range already asks for this; a server that ignores it is caught here.
       const etag = header(h, 'etag');

@@ -1,25 +1,65 @@
 /**
  * A mount's control socket: other vdisk commands ask the process that has an
  * image open to run jobs on it (the image is locked against second writers).
- * Newline-delimited JSON; the socket lives in a runtime directory, keyed by the
- * image's real path.
+ * Newline-delimited JSON; the socket lives in a runtime directory only the
+ * user can write (private-dir.ts), keyed by the image's real path, and a
+ * client trusts only a server of its own user or root (SO_PEERCRED).
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import type { BlockNode } from '../block/node.js';
 import { streamImage } from '../jobs/stream.js';
-import { codeOf } from '../errors.js';
+import { VdiskError, codeOf } from '../errors.js';
+import { native } from '../native.js';
+import { ensurePrivateDir } from './private-dir.js';
 import { tracer } from '../trace.js';
 
 const trace = tracer('control');
 
-export function controlSocketPath(imageRealPath: string): string {
-  const base = process.env['XDG_RUNTIME_DIR'] ?? path.join(os.tmpdir(), `vdisk-${process.getuid?.() ?? 0}`);
+/**
+ * The directory of the user's control sockets: $XDG_RUNTIME_DIR/vdisk (a
+ * per-user directory the session manager made), else /run/vdisk for root, else
+ * /tmp/vdisk-UID. Whichever it is, ensurePrivateDir() checks it before use.
+ */
+export function controlDir(): string {
+  const uid = process.getuid?.() ?? 0;
+  const xdg = process.env['XDG_RUNTIME_DIR'];
+  if (xdg) return path.join(xdg, 'vdisk');
+  return uid === 0 ? '/run/vdisk' : `/tmp/vdisk-${uid}`;
+}
+
+export function controlSocketPath(imageRealPath: string, dir = controlDir()): string {
   const hash = crypto.createHash('sha256').update(imageRealPath).digest('hex').slice(0, 24);
-  return path.join(base, 'vdisk', `${hash}.sock`);
+  return path.join(dir, `${hash}.sock`);
+}
+
+/**
+ * Connect to the mount serving an image, or null when none does. The answer
+ * of a server run by another user is never trusted: she could have put her
+ * socket where ours should be, and answer "done" to a stream never run.
+ */
+export async function connectControl(imageRealPath: string): Promise<net.Socket | null> {
+  const dir = controlDir();
+  if (!(await ensurePrivateDir(dir, { create: false }))) return null;
+  const socketPath = controlSocketPath(imageRealPath, dir);
+  const sock = await new Promise<net.Socket | null>((resolve) => {
+    const s = net.connect(socketPath);
+    s.once('connect', () => resolve(s));
+    s.once('error', () => resolve(null));
+  });
+  if (!sock) return null;
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+  const cred = native().peerCredentials(fd);
+  const uid = process.getuid?.() ?? 0;
+  if (typeof cred === 'number' || (cred[1] !== uid && cred[1] !== 0)) {
+    sock.destroy();
+    const who = typeof cred === 'number' ? `an unknown peer (errno ${-cred})` : `uid ${cred[1]} (pid ${cred[0]})`;
+    trace('refused peer %s on %s', who, socketPath);
+    throw new VdiskError('ERR_CONTROL_PEER', `${socketPath} is served by ${who}, not by uid ${uid} or root: not trusting its answer`);
+  }
+  return sock;
 }
 
 export interface ControlRequest {
@@ -40,17 +80,25 @@ export class ControlServer {
   }
 
   static async start(top: BlockNode, imageRealPath: string): Promise<ControlServer> {
-    const socketPath = controlSocketPath(imageRealPath);
-    fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o700 });
+    const dir = controlDir();
+    await ensurePrivateDir(dir, { create: true });
+    const socketPath = controlSocketPath(imageRealPath, dir);
     fs.rmSync(socketPath, { force: true }); // a stale one: we hold the image lock, so nobody else serves it
     const server = net.createServer();
     const ctl = new ControlServer(server, socketPath);
     server.on('connection', (sock) => ctl.serve(top, sock));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(socketPath, () => resolve());
+      // The socket is born 0600 (a chmod after listen would follow a symlink put in
+      // its place); bind() runs inside listen(), so the umask is ours only that long.
+      const umask = process.umask(0o177);
+      try {
+        server.listen(socketPath, () => resolve());
+      } finally {
+        process.umask(umask);
+      }
     });
-    fs.chmodSync(socketPath, 0o600);
+    trace('listening on %s', socketPath);
     return ctl;
   }
 

@@ -26,10 +26,10 @@ import * as io from '../block/io.js';
 import { BufferPool } from '../block/buffer-pool.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import { VdiskError, errnoOf } from '../errors.js';
-import { MNT_DETACH, native, type FuseReq, type FuseSessionHandle, type NativeAddon } from '../native.js';
+import { MNT_DETACH, UMOUNT_NOFOLLOW, native, type FuseReq, type FuseSessionHandle, type NativeAddon } from '../native.js';
 import { SEEK_DATA, SEEK_HOLE } from '../native.js';
 import { tracer } from '../trace.js';
-import { checkMountpoint, setReadahead } from './mountpoint.js';
+import { openMountpoint, setReadahead, type MountTarget } from './mountpoint.js';
 import { constants as osConstants } from 'node:os';
 
 const trace = tracer('fuse');
@@ -75,6 +75,17 @@ export interface ExportOptions {
   fsname?: string;
 }
 
+/**
+ * Release the mountpoint's fd once libfuse is done with the session: the
+ * session keeps /proc/self/fd/N as its mountpoint and may umount2() it in the
+ * handle's close callback, which libuv runs in the closing phase of this loop
+ * iteration or the next. Two setImmediate hops land after either, so N is never
+ * reused for another file while libfuse can still unmount through it.
+ */
+function closeAfterSession(target: MountTarget | null): void {
+  if (target) setImmediate(() => setImmediate(() => target.close()));
+}
+
 export interface ExportStats {
   reads: number;
   bytesRead: number;
@@ -95,6 +106,8 @@ export class FuseExport {
   private readonly addon: NativeAddon;
   private readonly options: ExportOptions;
   private session: FuseSessionHandle | null = null;
+  /** The mountpoint held open since it was checked; libfuse keeps its /proc/self/fd path until the session is closed. */
+  private target: MountTarget | null = null;
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private endedResolve!: (errno: number) => void;
@@ -118,9 +131,16 @@ export class FuseExport {
 
   /** Mount `node` on `options.mountpoint` and start serving on this event loop. */
   static async start(node: BlockNode, options: ExportOptions): Promise<FuseExport> {
-    const mountpoint = await checkMountpoint(options.mountpoint);
+    const target = await openMountpoint(options.mountpoint);
+    const mountpoint = target.path;
     const exp = new FuseExport(node, { ...options, mountpoint });
-    exp.mount();
+    exp.target = target;
+    try {
+      exp.mount(target.mountPath);
+    } catch (err) {
+      target.close();
+      throw err;
+    }
     try {
       await setReadahead(mountpoint, options.readaheadKiB ?? 1024);
     } catch (err) {
@@ -133,7 +153,8 @@ export class FuseExport {
     return Boolean(this.options.readOnly) || this.node.readOnly;
   }
 
-  private mount(): void {
+  /** `mountPath`: where mount(2) goes (MountTarget.mountPath); this.mountpoint is what messages show. */
+  private mount(mountPath: string): void {
     const fsname = (this.options.fsname ?? `vdisk:${this.node.name}`).replace(/[,\\]/g, '_');
     const opts = [`fsname=${fsname}`, 'subtype=vdisk', 'default_permissions', `max_read=${FUSE_MAX_IO_BYTES}`];
     if (this.readOnly) opts.push('ro');
@@ -141,7 +162,7 @@ export class FuseExport {
     trace('mount mountpoint=%s options=%s', this.mountpoint, opts.join(','));
     try {
       this.session = this.addon.mount(
-        this.mountpoint,
+        mountPath,
         { fsOptions: opts.join(','), maxWrite: FUSE_MAX_IO_BYTES, maxReadahead: FUSE_MAX_IO_BYTES },
         this.handlers(),
         (errno) => {
@@ -167,7 +188,7 @@ export class FuseExport {
   async stop(force = false): Promise<void> {
     if (!force && this.session) {
       try {
-        await this.addon.umount(this.mountpoint, MNT_DETACH);
+        await this.addon.umount(this.mountpoint, MNT_DETACH | UMOUNT_NOFOLLOW);
       } catch (err) {
         // EINVAL: not mounted any more (someone else unmounted it); the session ends on its own.
         if ((err as { code?: string }).code !== 'EINVAL') throw err;
@@ -188,6 +209,7 @@ export class FuseExport {
       } finally {
         if (this.session) this.addon.close(this.session);
         this.session = null;
+        closeAfterSession(this.target);
         this.endedResolve(0);
       }
     })();
@@ -200,13 +222,19 @@ export class FuseExport {
   }
 
   /**
-   * Run one request: `work` resolves to the reply to send. The reply is sent
-   * exactly once, outside the error path, so a failing reply is never followed
-   * by a second one.
+   * Run one request: `work` resolves to the reply to send, or fails with the
+   * error to answer. Whatever throws on the way (building the reply, sending
+   * it, answering the error) still ends in an answer: see answerAfterFailure.
    */
   private serve(req: FuseReq, op: string, work: () => Promise<Reply>): void {
     this.inFlight++;
-    work()
+    let pending: Promise<Reply>;
+    try {
+      pending = work();
+    } catch (err) {
+      pending = Promise.reject(err);
+    }
+    pending
       .then(
         (reply) => reply(),
         (err: unknown) => {
@@ -217,7 +245,7 @@ export class FuseExport {
           this.addon.replyErr(req, errno);
         },
       )
-      .catch((err: unknown) => process.stderr.write(`vdisk: internal error answering ${op}: ${(err as Error)?.message}\n`))
+      .catch((err: unknown) => this.answerAfterFailure(req, op, err))
       .finally(() => {
         if (--this.inFlight === 0 && this.idleWaiters.length) {
           const waiters = this.idleWaiters;
@@ -225,6 +253,23 @@ export class FuseExport {
           for (const w of waiters) w();
         }
       });
+  }
+
+  /**
+   * The last resort when sending an answer threw (an argument the addon could
+   * not convert, a bug in a reply): answer EIO, or the process doing the I/O
+   * waits forever. Safe whether or not an answer went out: the addon answers a
+   * reply it cannot convert with EIO itself and refuses a second reply to one
+   * request (ERR_VDISK_ANSWERED) instead of sending it.
+   */
+  private answerAfterFailure(req: FuseReq, op: string, err: unknown): void {
+    this.stats.errors++;
+    process.stderr.write(`vdisk: error EIO: internal error answering ${op}: ${(err as Error)?.message ?? String(err)}\n`);
+    try {
+      this.addon.replyErr(req, E.EIO);
+    } catch (again) {
+      trace('%s: no second answer: %s', op, (again as Error)?.message);
+    }
   }
 
   private fail(code: 'EROFS' | 'ENOSPC' | 'EINVAL' | 'ENOTSUP' | 'ENXIO', message: string): never {

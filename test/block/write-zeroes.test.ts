@@ -3,6 +3,7 @@ import { BlockNode } from '../../src/block/node.js';
 import * as io from '../../src/block/io.js';
 import { MAX_ZERO_BOUNCE_BYTES } from '../../src/block/limits.js';
 import { MemoryDriver } from '../../src/drivers/memory.js';
+import { VdiskError } from '../../src/errors.js';
 
 const TiB = 1024 ** 4;
 
@@ -34,6 +35,32 @@ describe('write-zeroes', () => {
     expect(back.subarray(0, 4096).every((b) => b === 0xaa)).toBe(true);
     expect(back.subarray(4096, 4096 + 512 * 1024).every((b) => b === 0)).toBe(true);
     expect(back.subarray(4096 + 512 * 1024).every((b) => b === 0xaa)).toBe(true);
+
+    // ENOTSUP from the driver (MemoryDriver without nativeZeroes says so): zeroes are written instead.
+    const plain = new MemoryDriver({ size: 64 * 1024 * 1024, limits: { requestAlignment: 4096 } });
+    const plainNode = new BlockNode(plain);
+    await io.pwritev(plainNode, 0, 1024 * 1024, [Buffer.alloc(1024 * 1024, 0xaa)]);
+    plain.bytesWritten = 0;
+    await io.pwriteZeroes(plainNode, 4096, 512 * 1024);
+    expect(plain.bytesWritten).toBe(512 * 1024);
+    await io.preadv(plainNode, 0, back.length, [back]);
+    expect(back.subarray(4096, 4096 + 512 * 1024).every((b) => b === 0)).toBe(true);
+    expect(back.subarray(0, 4096).every((b) => b === 0xaa)).toBe(true);
+
+    // Any other error is the answer: no fallback that would hide it (or write zeroes where the driver failed).
+    class FailingZeroes extends MemoryDriver {
+      override async pwriteZeroes(): Promise<void> {
+        throw new VdiskError('EIO', 'write-zeroes failed');
+      }
+    }
+    const failing = new FailingZeroes({ size: 64 * 1024 * 1024, limits: { requestAlignment: 4096 } });
+    const failingNode = new BlockNode(failing);
+    await io.pwritev(failingNode, 0, 1024 * 1024, [Buffer.alloc(1024 * 1024, 0xaa)]);
+    failing.bytesWritten = 0;
+    await expect(io.pwriteZeroes(failingNode, 4096, 512 * 1024)).rejects.toMatchObject({ code: 'EIO' });
+    expect(failing.bytesWritten).toBe(0);
+    await io.preadv(failingNode, 0, back.length, [back]);
+    expect(back.every((b) => b === 0xaa)).toBe(true);
   });
 
   it('zeroes unaligned heads and tails inside their blocks, keeping the neighbours', async () => {

@@ -44,8 +44,12 @@ describe('vdisk bad input', () => {
   it('bad options and a missing command', () => {
     const img = path.join(dir, 'c.img');
     fs.writeFileSync(img, Buffer.alloc(4096));
-    expectOneLineError(vdisk(['mount', img, path.join(dir, 'mp'), '--discard', 'sometimes']), 'ERR_USAGE');
-    expectOneLineError(vdisk(['mount', img, path.join(dir, 'mp'), '--inject', 'read:NOPE']), 'ERR_USAGE');
+    const mp = path.join(dir, 'c-mp');
+    fs.writeFileSync(mp, '');
+    expectOneLineError(vdisk(['mount', img, mp, '--discard', 'sometimes']), 'ERR_USAGE');
+    expectOneLineError(vdisk(['mount', img, mp, '--inject', 'read:NOPE']), 'ERR_USAGE');
+    // Options are checked before anything is opened: a bad rule is named even when the image is missing.
+    expectOneLineError(vdisk(['mount', path.join(dir, 'nope.img'), mp, '--inject', 'read:NOPE']), 'ERR_USAGE');
     expectOneLineError(vdisk(['mount', img]), 'ERR_USAGE');
     expectOneLineError(vdisk([]), 'ERR_USAGE');
     expectOneLineError(vdisk(['create', path.join(dir, 'd.img'), '12 parsecs']), 'ERR_USAGE');

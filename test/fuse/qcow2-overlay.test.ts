@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
+import { expectQemuClean, qemuImg, qemuImgMap } from '../helpers/image.js';
 import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
 import { native, SEEK_DATA, SEEK_HOLE } from '../../src/native.js';
 
@@ -31,7 +32,7 @@ function read(file: string, offset: number, bytes: number): Buffer {
 }
 
 function qemuMap(image: string): Array<{ start: number; length: number; depth: number; zero: boolean; data: boolean; present: boolean }> {
-  return JSON.parse(sh(`qemu-img map --output=json ${image}`).stdout);
+  return qemuImgMap(image);
 }
 
 function mapAt(image: string, offset: number) {
@@ -67,9 +68,9 @@ describe('qcow2 overlay through the mount', () => {
       } finally {
         expect(await m.stop()).toBe(0);
       }
-      expect(sh(`qemu-img check ${image}`).status).toBe(0);
+      expectQemuClean(image);
       const raw = `${image}.raw`;
-      expect(sh(`qemu-img convert -O raw ${image} ${raw}`).status).toBe(0);
+      qemuImg(`convert -O raw ${image} ${raw}`);
       expect(read(raw, 10 * MiB + 1000, 70000).every((b) => b === 0)).toBe(true);
       expect(read(raw, 30 * MiB + 1536, 4097).every((b) => b === 0)).toBe(true);
       fs.rmSync(raw);
@@ -104,7 +105,7 @@ describe('qcow2 overlay through the mount', () => {
     expect(fs.statSync(image).size - before).toBeLessThan(MiB);
     const e = mapAt(image, 512 * MiB);
     expect(e).toMatchObject({ zero: true, data: false, present: true });
-    expect(sh(`qemu-img check ${image}`).status).toBe(0);
+    expectQemuClean(image);
   });
 
   it('punch returns space to the host, and SEEK_HOLE finds the zero clusters', async () => {
@@ -136,6 +137,6 @@ describe('qcow2 overlay through the mount', () => {
     } finally {
       expect(await m.stop()).toBe(0);
     }
-    expect(sh(`qemu-img check ${image}`).status).toBe(0);
+    expectQemuClean(image);
   });
 });

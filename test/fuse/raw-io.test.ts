@@ -161,6 +161,10 @@ describe('raw image through a FUSE mount', () => {
   });
 
   it('cp --sparse=auto out of the mount makes a sparse copy with the same bytes', () => {
+    // Its own layout: all holes but 1 MiB at 8 MiB and 4 KiB at 40 MiB.
+    expect(sh(`fallocate -p -o 0 -l ${SIZE} ${mnt}`).status).toBe(0);
+    expect(sh(`head -c 1M /dev/urandom | dd of=${mnt} bs=1M seek=8 conv=notrunc status=none`).status).toBe(0);
+    expect(sh(`head -c 4096 /dev/urandom | dd of=${mnt} bs=4096 seek=${(40 * MiB) / 4096} conv=notrunc status=none`).status).toBe(0);
     const out = path.join(dir, 'sparse-copy.img');
     const r = sh(`cp --sparse=auto ${mnt} ${out}`);
     expect(r.status, r.stderr).toBe(0);

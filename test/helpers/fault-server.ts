@@ -1,13 +1,15 @@
 /**
- * A real HTTP server that misbehaves on purpose: drops connections mid-body,
- * answers 503, stalls, sends half a body and holds the rest back, changes the
- * ETag, ignores Range, refuses HEAD, redirects,
+ * A real HTTP(S) server that misbehaves on purpose: drops connections mid-body,
+ * answers 503, stalls, sends half a body and holds the rest back, trickles a
+ * body byte by byte, lies in Content-Length, changes the ETag, ignores Range,
+ * refuses HEAD, redirects (also to another server), claims absurd sizes,
  * demands credentials. Faults apply to the first `times` matching requests.
  */
 import http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
 
-export type Fault = 'drop-mid-body' | '503' | 'stall' | 'hold-rest' | 'ignore-range' | 'no-head' | 'none';
+export type Fault = 'drop-mid-body' | '503' | 'stall' | 'hold-rest' | 'trickle' | 'short-length' | 'ignore-range' | 'no-head' | 'none';
 
 export interface FaultServerOptions {
   data: Buffer;
@@ -16,14 +18,22 @@ export interface FaultServerOptions {
   times?: number;
   /** Require this Authorization header. */
   auth?: string;
-  /** Serve under /redirect a 302 to /image. */
-  redirect?: boolean;
+  /** Serve under /redirect a 302 to /image, or to this URL. */
+  redirect?: boolean | string;
   /** A weak ETag (W/"..."), which never matches an If-Range. */
   weakEtag?: boolean;
+  /** Speak HTTPS with this certificate and key (PEM). */
+  tls?: { cert: Buffer; key: Buffer };
+  /** The total size sent in every Content-Range, instead of the data's length. */
+  contentRangeTotal?: string;
+  /** The Retry-After of the '503' fault (default '0'). */
+  retryAfter?: string;
+  /** 'trickle': one byte every this many ms (default 50). */
+  trickleMs?: number;
 }
 
 export class FaultServer {
-  readonly server: http.Server;
+  readonly server: http.Server | https.Server;
   port = 0;
   etag: string;
   lastModified = 'Sat, 21 Nov 2026 10:00:00 GMT';
@@ -36,13 +46,17 @@ export class FaultServer {
   private faultsLeft: number;
   private readonly sockets = new Set<net.Socket>();
   readonly seenAuth: string[] = [];
+  /** Every request, as 'METHOD url'. */
+  readonly requests: string[] = [];
 
   constructor(private readonly options: FaultServerOptions) {
     this.data = options.data;
     this.etag = options.weakEtag ? 'W/"v1"' : '"v1"';
     this.faultsLeft = options.times ?? Infinity;
-    this.server = http.createServer((req, res) => this.handle(req, res));
-    this.server.on('connection', (s) => {
+    const handle = (req: http.IncomingMessage, res: http.ServerResponse) => this.handle(req, res);
+    this.server = options.tls ? https.createServer({ cert: options.tls.cert, key: options.tls.key }, handle) : http.createServer(handle);
+    // 'connection' is the TCP socket for both: destroying it ends a TLS session too.
+    this.server.on('connection', (s: net.Socket) => {
       this.sockets.add(s);
       s.on('close', () => this.sockets.delete(s));
     });
@@ -51,7 +65,7 @@ export class FaultServer {
   async start(): Promise<string> {
     await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
     this.port = (this.server.address() as net.AddressInfo).port;
-    return `http://127.0.0.1:${this.port}/image`;
+    return `${this.options.tls ? 'https' : 'http'}://127.0.0.1:${this.port}/image`;
   }
 
   /** The file changes: new contents and a new ETag. */
@@ -62,13 +76,14 @@ export class FaultServer {
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    this.requests.push(`${req.method} ${req.url}`);
     if (req.headers.authorization) this.seenAuth.push(req.headers.authorization);
     if (this.options.auth && req.headers.authorization !== this.options.auth) {
       res.writeHead(401).end();
       return;
     }
     if (this.options.redirect && req.url === '/redirect') {
-      res.writeHead(302, { location: '/image' }).end();
+      res.writeHead(302, { location: typeof this.options.redirect === 'string' ? this.options.redirect : '/image' }).end();
       return;
     }
     const fault = this.options.fault ?? 'none';
@@ -100,11 +115,22 @@ export class FaultServer {
     const body = this.data.subarray(start, end + 1);
     const faulty = start > 0 || end > 0 ? this.faultsLeft-- > 0 : false; // the 0-0 size probe is never faulted
     if (faulty && fault === '503') {
-      res.writeHead(503, { 'retry-after': '0' }).end();
+      res.writeHead(503, { 'retry-after': this.options.retryAfter ?? '0' }).end();
       return;
     }
     if (faulty && fault === 'stall') return; // never answer: the client's timeout must fire
-    res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${end}/${this.data.length}`, 'content-length': body.length });
+    const total = this.options.contentRangeTotal ?? String(this.data.length);
+    if (faulty && fault === 'short-length') {
+      // Content-Range promises the range, Content-Length (and the body) one byte less.
+      res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${end}/${total}`, 'content-length': body.length - 1 });
+      res.end(body.subarray(0, body.length - 1));
+      return;
+    }
+    res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${end}/${total}`, 'content-length': body.length });
+    if (faulty && fault === 'trickle') {
+      this.trickle(res, body);
+      return;
+    }
     if (faulty && fault === 'hold-rest') {
       res.write(body.subarray(0, body.length >> 1));
       this.held.push(() => res.end(body.subarray(body.length >> 1)));
@@ -134,6 +160,22 @@ export class FaultServer {
       if (!res.destroyed) res.end();
     };
     pump();
+  }
+
+  /** One byte at a time, never idle long enough for an idle timeout: only a deadline on the whole answer ends it. */
+  private trickle(res: http.ServerResponse, body: Buffer): void {
+    let pos = 0;
+    const timer = setInterval(() => {
+      if (res.destroyed || pos >= body.length) {
+        clearInterval(timer);
+        if (!res.destroyed) res.end();
+        return;
+      }
+      res.write(body.subarray(pos, pos + 1));
+      this.bytesSent++;
+      pos++;
+    }, this.options.trickleMs ?? 50);
+    res.on('close', () => clearInterval(timer));
   }
 
   /** Send the rest of every held-back answer. */

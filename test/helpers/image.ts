@@ -16,7 +16,54 @@ export async function readImage(image: string, options: OpenOptions = {}): Promi
   }
 }
 
+/**
+ * `qemu-img ARGS`: its stdout, or a failed test that shows the command and what
+ * qemu-img said (an unreadable image, "Unknown protocol 'http'" when the curl
+ * module is missing) rather than an empty stdout for the caller to misread.
+ */
+export function qemuImg(args: string): string {
+  const r = sh(`qemu-img ${args}`);
+  expect(r.status, `qemu-img ${args} exited with ${r.status}:\n${r.stderr}`).toBe(0);
+  return r.stdout;
+}
+
+/** Parse what a qemu tool printed as JSON; on failure say what it printed, stderr included. */
+function parseJson<T>(what: string, r: { stdout: string; stderr: string }): T {
+  try {
+    return JSON.parse(r.stdout) as T;
+  } catch (err) {
+    throw new Error(`${what}: no JSON (${(err as Error).message}); stdout: ${r.stdout.slice(0, 500)} stderr: ${r.stderr}`);
+  }
+}
+
+/** `qemu-img ARGS --output=json`, parsed; a failing qemu-img fails the test with its stderr. */
+export function qemuImgJson<T>(args: string): T {
+  const r = sh(`qemu-img ${args} --output=json`);
+  expect(r.status, `qemu-img ${args} --output=json exited with ${r.status}:\n${r.stderr}`).toBe(0);
+  return parseJson<T>(`qemu-img ${args}`, r);
+}
+
+export interface QemuMapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+export function qemuImgMap(image: string): QemuMapEntry[] {
+  return qemuImgJson<QemuMapEntry[]>(`map ${image}`);
+}
+
+export function qemuImgInfo(image: string): Record<string, unknown> & { 'virtual-size': number; format: string } {
+  return qemuImgJson(`info ${image}`);
+}
+
 export interface QemuCheck {
+  /** qemu-img check's exit status: 0 clean, 2 corruptions, 3 leaks (1 and 63 fail the helper). */
+  status: number;
   corruptions: number;
   leaks: number;
   checkErrors: number;
@@ -24,15 +71,20 @@ export interface QemuCheck {
   output: string;
 }
 
-/** `qemu-img check --output=json`, with absent counts as 0. */
+/**
+ * `qemu-img check --output=json`, with absent counts as 0. An exit other than
+ * 0, 2 or 3 (the check could not run or finish) fails the test with qemu-img's stderr.
+ */
 export function qemuImgCheck(image: string): QemuCheck {
   const r = sh(`qemu-img check --output=json ${image}`);
-  const j = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number; 'check-errors'?: number };
-  return { corruptions: j.corruptions ?? 0, leaks: j.leaks ?? 0, checkErrors: j['check-errors'] ?? 0, output: r.stdout + r.stderr };
+  const output = `qemu-img check ${image} exited with ${r.status}:\n${r.stdout}${r.stderr}`;
+  expect([0, 2, 3], output).toContain(r.status);
+  const j = parseJson<{ corruptions?: number; leaks?: number; 'check-errors'?: number }>(`qemu-img check ${image}`, r);
+  return { status: r.status!, corruptions: j.corruptions ?? 0, leaks: j.leaks ?? 0, checkErrors: j['check-errors'] ?? 0, output };
 }
 
-/** qemu-img finds neither corruptions nor leaks in the image. */
+/** qemu-img check completes and finds no corruption, no leak and no error, with exit status 0. */
 export function expectQemuClean(image: string): void {
   const c = qemuImgCheck(image);
-  expect({ corruptions: c.corruptions, leaks: c.leaks }, c.output).toEqual({ corruptions: 0, leaks: 0 });
+  expect({ status: c.status, corruptions: c.corruptions, leaks: c.leaks, checkErrors: c.checkErrors }, c.output).toEqual({ status: 0, corruptions: 0, leaks: 0, checkErrors: 0 });
 }

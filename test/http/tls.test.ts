@@ -1,14 +1,16 @@
 /**
  * HTTPS backing: nginx with a certificate from a CA made for the test. An
  * untrusted certificate is a clear one-line error; --ca-file trusts the CA
- * (on top of the system's store); --insecure skips the check.
+ * (on top of the system's store); --insecure skips the check. A redirect
+ * from https to plain http is refused.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
+import { FaultServer } from '../helpers/fault-server.js';
 import { Nginx } from '../helpers/nginx.js';
-import { MiB, Mount, sh, vdisk } from '../helpers/vdisk.js';
+import { MiB, Mount, sh, vdisk, vdiskAsync } from '../helpers/vdisk.js';
 import { seededData } from '../helpers/workload.js';
 
 let dir: string;
@@ -16,6 +18,8 @@ let nginx: Nginx;
 let caFile: string;
 let otherCa: string;
 let data: Buffer;
+/** The server's certificate (signed by caFile's CA, for 127.0.0.1) and key, PEM. */
+let tls: { cert: Buffer; key: Buffer };
 
 function run(cmd: string): void {
   const r = sh(cmd);
@@ -40,6 +44,7 @@ beforeAll(async () => {
   fs.writeFileSync(path.join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1\n');
   run(`openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${dir}/server.csr -subj '/CN=127.0.0.1' 2>&1`);
   run(`openssl x509 -req -in ${dir}/server.csr -CA ${caFile} -CAkey ${dir}/ca.key -CAcreateserial -out ${cert} -days 2 -extfile ${dir}/san.ext 2>&1`);
+  tls = { cert: fs.readFileSync(cert), key: fs.readFileSync(key) };
   data = seededData(4 * MiB, 7);
   fs.mkdirSync(path.join(dir, 'www'));
   fs.writeFileSync(path.join(dir, 'www', 'disk.raw'), data);
@@ -79,5 +84,43 @@ describe('HTTPS backing', () => {
     const r = vdisk(['info', '--output', 'json', '--insecure', nginx.url('disk.raw')]);
     expect(r.status, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toMatchObject({ 'virtual-size': data.length });
+  });
+});
+
+describe('redirects from HTTPS', () => {
+  /** An https server whose /redirect answers a 302 to `to` (made from the server that follows). */
+  async function redirecting(target: FaultServer, fn: (url: string) => Promise<void>): Promise<void> {
+    const to = await target.start();
+    const from = new FaultServer({ data, tls, redirect: to });
+    const url = (await from.start()).replace('/image', '/redirect');
+    try {
+      await fn(url);
+    } finally {
+      await from.stop();
+      await target.stop();
+    }
+  }
+
+  it('to plain http are refused with one ERR_HTTP line, and the http server is never asked', async () => {
+    const plain = new FaultServer({ data });
+    await redirecting(plain, async (url) => {
+      for (const args of [['info', url], ['create', '-f', 'qcow2', '-F', 'raw', '-b', url, path.join(dir, 'downgrade.qcow2')]]) {
+        const r = await vdiskAsync([...args, '--ca-file', caFile]);
+        expect(r.status).toBe(1);
+        expect(r.stderr).toMatch(/^vdisk: error ERR_HTTP: https:\/\/127\.0\.0\.1:\d+\/redirect: redirected to http:\/\/127\.0\.0\.1:\d+\/image; refusing to leave https for plain http\n$/);
+      }
+      expect(fs.existsSync(path.join(dir, 'downgrade.qcow2'))).toBe(false);
+      expect(plain.requests).toEqual([]);
+    });
+  });
+
+  it('to another https server are followed', async () => {
+    const other = new FaultServer({ data, tls });
+    await redirecting(other, async (url) => {
+      const r = await vdiskAsync(['info', '--output', 'json', '--ca-file', caFile, url]);
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toMatchObject({ 'virtual-size': data.length });
+      expect(other.requests.length).toBeGreaterThan(0);
+    });
   });
 });

@@ -21,6 +21,8 @@ export interface CheckResult {
   imageEndOffset: number;
   totalClusters: number;
   allocatedClusters: number;
+  /** Data clusters that overlap metadata: nothing is repaired while there are any. */
+  overlaps: number;
 }
 
 /** Clusters per page of Counts. */
@@ -96,6 +98,11 @@ class Messages {
     else this.omitted++;
   }
 
+  /** Notes that go first, whatever the cap. */
+  unshift(...m: string[]): void {
+    this.list.unshift(...m);
+  }
+
   done(): string[] {
     return this.omitted ? [...this.list, `... and ${this.omitted} more messages`] : this.list;
   }
@@ -105,6 +112,7 @@ interface Walk {
   counts: Counts;
   messages: Messages;
   corruptions: number;
+  overlaps: number;
   /** Distinct L2 tables the active L1 names (cluster indexes): their COPIED flags are checked. */
   activeTables: Counts;
 }
@@ -112,7 +120,7 @@ interface Walk {
 async function walk(drv: Qcow2Driver): Promise<Walk> {
   const cs = drv.clusterSize;
   const fileSize = Math.max(drv.file.size(), drv.refcounts.fileEnd);
-  const w: Walk = { counts: new Counts(), messages: new Messages(), corruptions: 0, activeTables: new Counts() };
+  const w: Walk = { counts: new Counts(), messages: new Messages(), corruptions: 0, overlaps: 0, activeTables: new Counts() };
   const inFile = (offset: number, bytes: number, what: string): boolean => {
     if (offset + bytes > fileSize || offset < 0) {
       w.corruptions++;
@@ -126,12 +134,21 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
     for (let c = Math.floor(offset / cs); c < Math.ceil((offset + bytes) / cs); c++) w.counts.add(c, weight);
     return true;
   };
+  /** Data on metadata: counted apart, because no refcount repair can fix it. */
+  const overlapping = (offset: number, bytes: number, what: string): void => {
+    const o = drv.metadataRanges.find(offset, bytes);
+    if (!o) return;
+    w.corruptions++;
+    w.overlaps++;
+    w.messages.push(`ERROR ${what} at ${offset} overlaps the ${o.kind} at ${o.offset}`);
+  };
   const h = drv.header;
   ref(0, cs, 'header');
   // L2 tables are counted per L1 entry, but each distinct table's contents are
   // read once and counted with the number of L1 entries naming it: cost follows
   // the metadata, not how often a hostile L1 repeats one table.
   const tables = new Counts();
+  const firstL1 = new Counts();
   const addL1 = (l1: Buffer, l1Size: number, weight: number, active: boolean) => {
     for (let i = 0; i < l1Size; i++) {
       const { offset } = readL1Entry(l1, i);
@@ -143,6 +160,8 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
       }
       if (!inFile(offset, cs, `L2 table of L1 entry ${i}`)) continue;
       tables.add(offset / cs, weight);
+      // The first L1 entry naming a table gives its entries their guest cluster numbers in messages.
+      if (!firstL1.get(offset / cs)) firstL1.add(offset / cs, i + 1);
       if (active) w.activeTables.add(offset / cs);
     }
   };
@@ -181,6 +200,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
 
   for (const [cluster, weight] of tables.entries()) {
     const offset = cluster * cs;
+    const firstGuest = (firstL1.get(cluster) - 1) * drv.l2Entries;
     ref(offset, cs, 'L2 table', weight);
     // A table changed in memory (repair) is read from the cache, others from the file.
     const table = drv.l2Cache.peek(offset) ?? (await readCluster(drv, offset));
@@ -188,6 +208,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
       const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
       if (e.compressed) {
         const start = e.compressedOffset - (e.compressedOffset % 512);
+        overlapping(start, e.compressedOffset + e.compressedBytes - start, `compressed cluster of guest cluster ${firstGuest + j}`);
         ref(start, e.compressedOffset + e.compressedBytes - start, 'compressed cluster', weight);
       } else if (e.host) {
         if (e.host % cs) {
@@ -195,6 +216,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
           w.messages.push(`ERROR L2 entry ${j} of table ${offset} has unaligned offset ${e.host}`);
           continue;
         }
+        overlapping(e.host, cs, `data cluster of guest cluster ${firstGuest + j}`);
         ref(e.host, cs, 'data cluster', weight);
       }
     }
@@ -249,10 +271,26 @@ async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
 
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
 export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
-  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0 };
+  const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
   const cs = drv.clusterSize;
+  // Tables found overlapping at open: a repair would write through them.
+  const tableOverlap = drv.corrupt;
+  const notes = tableOverlap ? [`ERROR ${tableOverlap}`] : [];
+  if (repair !== 'none' && !drv.allowRepair()) {
+    notes.push(`Not repairing anything: ${tableOverlap ? 'metadata tables overlap' : 'the image is opened read-only'}`);
+    repair = 'none';
+  }
   for (let pass = 0; pass < 4; pass++) {
     const w = await walk(drv);
+    w.messages.unshift(...notes);
+    if (tableOverlap) w.corruptions++;
+    result.overlaps = w.overlaps;
+    // Raising refcounts for data that sits on metadata would leave a refcount block
+    // with refcount 2 (qemu-img: broken); rebuilding the structure elsewhere is qemu-img's job.
+    if (w.overlaps && repair !== 'none') {
+      w.messages.push(`Not repairing anything: ${w.overlaps} data clusters overlap metadata (qemu-img check -r all rebuilds the refcount structure)`);
+      repair = 'none';
+    }
     const rc = drv.refcounts;
     let leaks = 0;
     let errors = 0;
@@ -384,6 +422,7 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
     // Repairs can allocate refcount blocks: check again until nothing changes.
     if (result.leaksFixed + result.corruptionsFixed === fixesBefore) break;
   }
+  if (repair === 'all' && result.corruptions === result.corruptionsFixed) await drv.markConsistent();
   return result;
 }
 

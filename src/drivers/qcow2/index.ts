@@ -5,12 +5,21 @@
  * they do not overwrite; write-zeroes and discard are metadata where the
  * format allows.
  *
- * Update order, for crash safety (as QEMU keeps it):
- *   data  ->  refcount blocks  ->  flush  ->  L2 tables  ->  L1  ->  flush
- *   -> only then are freed clusters' refcounts dropped (and their space punched).
- * Allocating writes only touch memory metadata after their data write has
- * completed, and metadata reaches the disk in flush(), so an on-disk L2 entry
- * never points at data or refcounts that are not on disk yet.
+ * Update order, for crash safety (as QEMU keeps it; each arrow that says
+ * flush is a host flush, because the host may reorder writes between flushes):
+ *   data, refcount blocks          ->  flush
+ *   L2 tables (new ones included)  ->  flush  (only when L1 changed too)
+ *   L1 table                       ->  flush
+ *   -> only then are freed clusters' refcounts dropped, flushed, and their space punched.
+ * So an on-disk L2 entry never points at data or refcounts that are not on
+ * disk, and an on-disk L1 entry never names an L2 table that is not: a new
+ * table (possibly in a reused cluster, which holds stale bytes until it is
+ * written) or the copy of a table shared with a snapshot. Allocating writes
+ * only touch memory metadata after their data write has completed, and tables
+ * reach the disk only in flush() (the caches never write out a dirty table on
+ * eviction: too many dirty tables make the driver flush). Refcount blocks and
+ * the refcount table keep their own order (refcount.ts), and the header is
+ * rewritten only after what it names is flushed (writeHeader's callers).
  *
  * Concurrency: the request layer serialises writes that may allocate at
  * cluster granularity (mayAllocate/allocationAlignment), and metadata changes
@@ -24,6 +33,7 @@ import * as io from '../../block/io.js';
 import { iovSlice, isZero } from '../../block/iov.js';
 import { VdiskError, notSupported } from '../../errors.js';
 import { tracer } from '../../trace.js';
+import { displayName } from '../url-display.js';
 import {
   EXT_BITMAPS,
   EXT_VDISK_OPTIONS,
@@ -41,6 +51,7 @@ import { Refcounts } from './refcount.js';
 import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
 import { bitmapRanges, repairImage } from './check.js';
+import { loadMetadataRanges, MetadataRanges } from './metadata-ranges.js';
 import { blockStatusAbove } from '../../block/block-status.js';
 
 const trace = tracer('qcow2');
@@ -141,8 +152,13 @@ export class Qcow2Driver implements BlockDriver {
   readonly l2Cache: TableCache;
   readonly refcounts: Refcounts;
   private readonly metaLock = new Mutex();
-  /** Clusters holding active metadata: in-place writes there would destroy the image. */
-  private readonly metadata = new Set<number>();
+  /** Where metadata lives: data writes, allocations and tables placed there would destroy the image. */
+  metadataRanges: MetadataRanges;
+  /** Why the image was found corrupt while open (writes are refused from then on), or null. */
+  private corruptReason: string | null = null;
+  private corruptBitWrite: Promise<void> | null = null;
+  /** Opened read-only only because of the corrupt bit, though writable was asked: a repair may write. */
+  private corruptBitOnly = false;
   private lastDecompressed: { host: number; data: Buffer } | null = null;
 
   private constructor(file: BlockNode, header: Qcow2Header, l1: Buffer, refcounts: Refcounts, l2Cache: TableCache, readOnly: boolean) {
@@ -158,6 +174,7 @@ export class Qcow2Driver implements BlockDriver {
     this.l2Cache = l2Cache;
     this.ro = readOnly;
     this.allocationAlignment = this.clusterSize;
+    this.metadataRanges = new MetadataRanges(this.clusterSize);
     this.limits = {
       requestAlignment: 512,
       maxTransfer: Math.max(this.clusterSize, 16 * 1024 * 1024),
@@ -205,10 +222,11 @@ export class Qcow2Driver implements BlockDriver {
     );
     drv = new Qcow2Driver(file, header, l1, refcounts, l2Cache, readOnly);
     drv.warnings.push(...warnings);
+    drv.corruptBitOnly = !(options.readOnly ?? false) && Boolean(header.incompatibleFeatures & INCOMPAT_CORRUPT);
     drv.validateL1(fileSize);
-    drv.rebuildMetadataSet();
-    if (!readOnly) await drv.prepareForWriting();
-    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile);
+    await drv.loadMetadataRanges();
+    if (!readOnly && !drv.corruptReason) await drv.prepareForWriting();
+    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, drv.extendedL2, header.version, header.backingFile === null ? null : displayName(header.backingFile));
     return drv;
   }
 
@@ -221,19 +239,66 @@ export class Qcow2Driver implements BlockDriver {
     }
   }
 
-  private rebuildMetadataSet(): void {
-    const add = (offset: number, bytes: number) => {
-      for (let c = Math.floor(offset / this.clusterSize); c < Math.ceil((offset + bytes) / this.clusterSize); c++) this.metadata.add(c);
-    };
-    this.metadata.clear();
-    add(0, this.clusterSize);
-    add(this.header.l1TableOffset, this.header.l1Size * 8);
-    for (const m of this.refcounts.metadataClusters()) add(m.offset, m.clusters * this.clusterSize);
-    for (let i = 0; i < this.header.l1Size; i++) {
-      const { offset } = readL1Entry(this.l1, i);
-      if (offset) add(offset, this.clusterSize);
+  /** Place every table; tables that overlap each other or the header make the image corrupt. */
+  private async loadMetadataRanges(): Promise<void> {
+    const h = this.header;
+    const { ranges, overlaps } = await loadMetadataRanges(this.file, {
+      clusterSize: this.clusterSize,
+      l1TableOffset: h.l1TableOffset,
+      l1Size: h.l1Size,
+      l1: this.l1,
+      refcountClusters: this.refcounts.metadataClusters(),
+      nbSnapshots: h.nbSnapshots,
+      snapshotsOffset: h.snapshotsOffset,
+    });
+    ranges.onCorrupt = (message) => this.corruption(message);
+    this.metadataRanges = ranges;
+    this.refcounts.ranges = ranges;
+    if (overlaps.length) {
+      this.corruption(overlaps[0]!);
+      await this.corruptBitWrite;
+      this.warnings.push(`the image is corrupt (${overlaps[0]}): ${this.ro ? 'only reads are served' : 'marked corrupt, writes are refused'} (vdisk check shows the damage)`);
     }
-    if (this.header.nbSnapshots) add(this.header.snapshotsOffset, this.clusterSize);
+  }
+
+  /** Why this open found the image corrupt (an overlap), or null. */
+  get corrupt(): string | null {
+    return this.corruptReason;
+  }
+
+  /**
+   * `check -r`: as with qemu-img check -r, the corrupt bit does not stop a
+   * repair; an overlap found while open does. Returns whether repairs may write.
+   */
+  allowRepair(): boolean {
+    if (this.corruptReason) return false;
+    if (this.corruptBitOnly) this.ro = false;
+    this.corruptBitOnly = false;
+    return !this.ro;
+  }
+
+  /** A repair left nothing to fix: clear the corrupt bit (as qemu-img check -r does). */
+  async markConsistent(): Promise<void> {
+    if (this.ro || this.corruptReason || !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
+    this.header.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    await this.writeHeader();
+  }
+
+  /**
+   * Metadata overlap found: as QEMU does, mark the image corrupt (incompatible
+   * bit 1, when writable) and refuse every write from now on, so that nothing
+   * more is written through tables that alias each other. Returns the error to throw.
+   */
+  private corruption(message: string): VdiskError {
+    if (!this.corruptReason) {
+      this.corruptReason = message;
+      trace('corrupt: %s', message);
+      if (!this.ro && !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) {
+        this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+        this.corruptBitWrite = this.writeHeader().catch((err: unknown) => trace('setting the corrupt bit failed: %s', (err as Error).message));
+      }
+    }
+    return new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: ${message}`);
   }
 
   /**
@@ -264,7 +329,12 @@ export class Qcow2Driver implements BlockDriver {
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       this.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
-      await repairImage(this, 'all');
+      const repaired = await repairImage(this, 'all');
+      if (repaired.overlaps) {
+        this.corruption(`${repaired.overlaps} data clusters overlap metadata: refcounts not rebuilt`);
+        this.warnings.push('the image is corrupt (data clusters overlap metadata): marked corrupt, writes are refused');
+        return;
+      }
       h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
       rewrite = true;
     }
@@ -363,7 +433,7 @@ export class Qcow2Driver implements BlockDriver {
     } else if (e.host) {
       if (e.host % this.clusterSize !== 0) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} has unaligned offset ${e.host}`);
       if (e.host + this.clusterSize > end) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points past the end of the file (${e.host})`);
-      if (this.metadata.has(e.host / this.clusterSize)) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: L2 entry of cluster ${cluster} points into metadata (${e.host})`);
+      this.metadataRanges.assertFree(e.host, this.clusterSize, `the data of guest cluster ${cluster}`);
     }
   }
 
@@ -535,6 +605,7 @@ export class Qcow2Driver implements BlockDriver {
 
   private checkWritable(): void {
     if (this.ro) throw new VdiskError('EROFS', 'qcow2 image opened read-only');
+    if (this.corruptReason) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: the image is corrupt (${this.corruptReason}): writes are refused`);
   }
 
   /** Write [offset, offset+bytes) inside one guest cluster. */
@@ -559,9 +630,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   private checkNoMetadata(host: number): void {
-    if (this.metadata.has(host / this.clusterSize)) {
-      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: refusing to write data over metadata at ${host}`);
-    }
+    this.metadataRanges.assertFree(host, this.clusterSize, 'a data write');
   }
 
   /**
@@ -684,7 +753,7 @@ export class Qcow2Driver implements BlockDriver {
       const { offset } = await this.refcounts.allocate(1);
       const table = Buffer.alloc(this.clusterSize);
       this.l2Cache.install(offset, table);
-      this.metadata.add(offset / this.clusterSize);
+      this.metadataRanges.addTable(offset, this.clusterSize, 'L2 table');
       writeL1Entry(this.l1, l1Index, offset, true);
       this.l1Dirty = true;
       return { table, offset };
@@ -701,7 +770,7 @@ export class Qcow2Driver implements BlockDriver {
     table = Buffer.from(table);
     this.l2Cache.install(offset, table);
     this.refcounts.deferFree(l1e.offset);
-    this.metadata.add(offset / this.clusterSize);
+    this.metadataRanges.addTable(offset, this.clusterSize, 'L2 table');
     writeL1Entry(this.l1, l1Index, offset, true);
     this.l1Dirty = true;
     return { table, offset };
@@ -925,15 +994,25 @@ export class Qcow2Driver implements BlockDriver {
   /** The ordered metadata write-out described at the top of this file. */
   async flush(): Promise<void> {
     if (this.ro) return;
+    if (this.corruptReason) return this.flushCorrupt();
     await this.metaLock.run(async () => {
+      // Refcounts (of new data clusters and of new L2 tables) and the data are
+      // stable before any table that uses them is written.
       await this.refcounts.writeDirty();
       await io.flush(this.file);
       const l2Written = await this.l2Cache.writeDirty();
+      let l1Written = false;
       if (this.l1Dirty) {
+        // The L2 tables an L1 entry may name for the first time are stable before
+        // it: without this flush the host may write L1 first, and a power cut
+        // leaves L1 naming a cluster past the end of the file or one with stale bytes.
+        if (l2Written) await io.flush(this.file);
         this.l1Dirty = false;
         await io.pwritev(this.file, this.header.l1TableOffset, this.l1.length, [Buffer.from(this.l1)]);
+        l1Written = true;
       }
-      if (l2Written || this.refcounts.hasPendingFrees) await io.flush(this.file);
+      // Stable before flush() returns, and before frees drop what the old tables used.
+      if (l2Written || l1Written || this.refcounts.hasPendingFrees) await io.flush(this.file);
       if (this.refcounts.hasPendingFrees) await this.releaseFreed();
     });
   }
@@ -942,7 +1021,7 @@ export class Qcow2Driver implements BlockDriver {
   private async releaseFreed(): Promise<void> {
     const freed = await this.refcounts.applyFrees();
     for (const off of freed) {
-      this.metadata.delete(off / this.clusterSize);
+      this.metadataRanges.remove(off, this.clusterSize);
       this.l2Cache.drop(off);
     }
     await this.refcounts.writeDirty();
@@ -967,8 +1046,21 @@ export class Qcow2Driver implements BlockDriver {
     return (await this.file.driver.allocatedBytes?.()) ?? this.file.size();
   }
 
+  /**
+   * A corrupt image gets no more metadata writes (they could land in aliased
+   * tables): a flush succeeds only if nothing is left unwritten.
+   */
+  private async flushCorrupt(): Promise<void> {
+    await this.corruptBitWrite;
+    if (this.l1Dirty || this.l2Cache.hasDirty || this.refcounts.hasUnwritten) {
+      throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: the image is corrupt (${this.corruptReason}): metadata changes are not written`);
+    }
+    await io.flush(this.file);
+  }
+
   async close(): Promise<void> {
-    if (!this.ro) await this.flush();
+    if (this.corruptReason) await this.flushCorrupt().catch(() => {});
+    else if (!this.ro) await this.flush();
     await this.file.close();
   }
 }

@@ -17,14 +17,18 @@ import * as io from '../../block/io.js';
 import { VdiskError } from '../../errors.js';
 import { tracer } from '../../trace.js';
 import type { TableCache } from './table-cache.js';
+import type { MetadataRanges } from './metadata-ranges.js';
 
 const trace = tracer('qcow2');
 
-/** Offsets in table entries use bits 9-55. */
-const OFFSET_MASK_HI = 0x00ffffff;
-
+/**
+ * A refcount table entry's offset is bits 9-63 (unlike L1/L2 entries, whose
+ * bits 56-63 are flags): a high bit set is an offset past any file, which the
+ * load refuses, not a flag to mask away (masking served an L2 table as a
+ * refcount block where qemu-img calls the entry outside the image).
+ */
 export function readEntryOffset(buf: Buffer, pos: number): number {
-  const hi = buf.readUInt32BE(pos) & OFFSET_MASK_HI;
+  const hi = buf.readUInt32BE(pos);
   const lo = buf.readUInt32BE(pos + 4) & ~0x1ff;
   return hi * 2 ** 32 + (lo >>> 0);
 }
@@ -55,6 +59,8 @@ export class Refcounts {
   fileEnd: number;
   private freeHint = 0;
   private pendingFrees: number[] = [];
+  /** Where metadata lives: no allocation may land there (a zero refcount on a table is a corruption). */
+  ranges: MetadataRanges | null = null;
   /** Rewrites the image header after the refcount table moved. */
   private readonly onTableMoved: (offset: number, clusters: number) => Promise<void>;
 
@@ -202,6 +208,7 @@ export class Refcounts {
         await this.ensureBlock(missing);
         continue; // the new block took a cluster: look again
       }
+      this.ranges?.assertFree(start * this.clusterSize, n * this.clusterSize, 'a new cluster');
       for (let c = start; c < start + n; c++) await this.setExisting(c, 1);
       const offset = start * this.clusterSize;
       const end = offset + n * this.clusterSize;
@@ -219,6 +226,7 @@ export class Refcounts {
     if (t >= this.tableEntries) await this.growTable(t + 1);
     if (this.blockOffset(t) !== 0) return;
     const b = await this.findFree(1);
+    this.ranges?.assertFree(b * this.clusterSize, this.clusterSize, 'a new refcount block');
     const tb = Math.floor(b / this.entriesPerBlock);
     const block = Buffer.alloc(this.clusterSize);
     if (tb === t) {
@@ -237,6 +245,7 @@ export class Refcounts {
     this.table.writeBigUInt64BE(BigInt(offset), t * 8);
     await io.pwritev(this.file, this.tableOffset + t * 8, 8, [Buffer.from(this.table.subarray(t * 8, t * 8 + 8))]);
     this.cache.install(offset, block);
+    this.ranges?.addTable(offset, this.clusterSize, 'refcount block');
     await this.cache.writeDirty();
     trace('new refcount block table=%d offset=%d', t, offset);
   }
@@ -267,6 +276,7 @@ export class Refcounts {
       blocks = [...need].sort((a, b) => a - b);
     }
     const areaEnd = first + blocks.length + tableClusters;
+    this.ranges?.assertFree(first * this.clusterSize, (areaEnd - first) * this.clusterSize, 'the grown refcount table');
     const newBlocks = new Map<number, Buffer>();
     blocks.forEach((t, k) => {
       newBlocks.set(t, Buffer.alloc(this.clusterSize));
@@ -292,6 +302,8 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.fileEnd = Math.max(this.fileEnd, areaEnd * this.clusterSize);
     for (const [t, nb] of newBlocks) this.cache.install(readEntryOffset(newTable, t * 8), nb);
+    this.ranges?.add(first * this.clusterSize, blocks.length * this.clusterSize, 'refcount block');
+    this.ranges?.add(tableOffset, tableClusters * this.clusterSize, 'refcount table');
     await this.onTableMoved(tableOffset, tableClusters);
     this.deferFree(oldOffset, oldClusters);
     trace('refcount table grown entries=%d offset=%d', entries, tableOffset);
@@ -300,6 +312,11 @@ export class Refcounts {
   /** Drop one reference to `clusters` clusters at `offset`, once the tables that used them are on disk. */
   deferFree(offset: number, clusters = 1): void {
     for (let i = 0; i < clusters; i++) this.pendingFrees.push(offset / this.clusterSize + i);
+  }
+
+  /** Refcount changes not on disk yet: dirty blocks or held-back frees. */
+  get hasUnwritten(): boolean {
+    return this.cache.hasDirty || this.pendingFrees.length > 0;
   }
 
   get hasPendingFrees(): boolean {

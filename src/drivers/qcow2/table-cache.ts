@@ -38,6 +38,10 @@ export class TableCache {
     return this.dirtyCount >= this.maxTables / 2;
   }
 
+  get hasDirty(): boolean {
+    return this.dirtyCount > 0;
+  }
+
   /** The cached table, if present (no I/O). */
   peek(offset: number): Buffer | undefined {
     const e = this.entries.get(offset);
