@@ -25,49 +25,113 @@ export interface CheckResult {
   overlaps: number;
 }
 
-/** A bounded, growable count per host cluster. */
-class Counts {
-  private counts = new Uint32Array(1024);
-  max = 0;
+/** Clusters per page of Counts. */
+const PAGE = 4096;
+/** A page turns from sparse to dense once this many of its clusters are referenced. */
+const DENSE_AT = 256;
+/** Counts saturate here instead of wrapping. */
+const MAX_COUNT = 0xffffffff;
 
-  add(cluster: number): void {
-    if (cluster >= this.counts.length) {
-      let n = this.counts.length;
-      while (n <= cluster) n *= 2;
-      const grown = new Uint32Array(n);
-      grown.set(this.counts);
-      this.counts = grown;
+/**
+ * References per host cluster. Memory grows with the distinct clusters the
+ * metadata references (a page is a small map until it fills up, then a dense
+ * array), never with the file's apparent size (a far reference costs one
+ * small page) nor with how often a cluster is referenced (a count is a number).
+ */
+export class Counts {
+  private readonly pages = new Map<number, Map<number, number> | Uint32Array>();
+  /** One past the highest referenced cluster. */
+  max = 0;
+  /** Distinct referenced clusters. */
+  size = 0;
+
+  add(cluster: number, weight = 1): void {
+    const key = Math.floor(cluster / PAGE);
+    const i = cluster % PAGE;
+    let page = this.pages.get(key);
+    if (!page) this.pages.set(key, (page = new Map()));
+    if (page instanceof Map) {
+      const old = page.get(i) ?? 0;
+      if (!old) this.size++;
+      page.set(i, Math.min(MAX_COUNT, old + weight));
+      if (page.size > DENSE_AT) {
+        const dense = new Uint32Array(PAGE);
+        for (const [k, v] of page) dense[k] = v;
+        this.pages.set(key, dense);
+      }
+    } else {
+      if (!page[i]) this.size++;
+      page[i] = Math.min(MAX_COUNT, page[i]! + weight);
     }
-    this.counts[cluster]!++;
     this.max = Math.max(this.max, cluster + 1);
   }
 
   get(cluster: number): number {
-    return cluster < this.counts.length ? this.counts[cluster]! : 0;
+    const page = this.pages.get(Math.floor(cluster / PAGE));
+    if (!page) return 0;
+    return (page instanceof Map ? page.get(cluster % PAGE) : page[cluster % PAGE]) ?? 0;
+  }
+
+  /** Referenced clusters and their counts, in cluster order. */
+  *entries(): Generator<[number, number]> {
+    for (const key of [...this.pages.keys()].sort((a, b) => a - b)) {
+      const page = this.pages.get(key)!;
+      const base = key * PAGE;
+      if (page instanceof Map) {
+        for (const i of [...page.keys()].sort((a, b) => a - b)) yield [base + i, page.get(i)!];
+      } else {
+        for (let i = 0; i < PAGE; i++) if (page[i]) yield [base + i, page[i]!];
+      }
+    }
+  }
+}
+
+/** At most this many messages are kept; a hostile image could otherwise make millions. */
+const MAX_MESSAGES = 10000;
+
+class Messages {
+  readonly list: string[] = [];
+  private omitted = 0;
+
+  push(m: string): void {
+    if (this.list.length < MAX_MESSAGES) this.list.push(m);
+    else this.omitted++;
+  }
+
+  /** Notes that go first, whatever the cap. */
+  unshift(...m: string[]): void {
+    this.list.unshift(...m);
+  }
+
+  done(): string[] {
+    return this.omitted ? [...this.list, `... and ${this.omitted} more messages`] : this.list;
   }
 }
 
 interface Walk {
   counts: Counts;
-  messages: string[];
+  messages: Messages;
   corruptions: number;
   overlaps: number;
-  /** Guest clusters of the active L1 whose COPIED flags need a look: [l2 table offset, index]. */
-  active: Array<{ table: number; index: number; host: number; copied: boolean }>;
-  activeL2: Array<{ l1Index: number; offset: number; copied: boolean }>;
+  /** Distinct L2 tables the active L1 names (cluster indexes): their COPIED flags are checked. */
+  activeTables: Counts;
 }
 
 async function walk(drv: Qcow2Driver): Promise<Walk> {
   const cs = drv.clusterSize;
   const fileSize = Math.max(drv.file.size(), drv.refcounts.fileEnd);
-  const w: Walk = { counts: new Counts(), messages: [], corruptions: 0, overlaps: 0, active: [], activeL2: [] };
-  const ref = (offset: number, bytes: number, what: string): boolean => {
+  const w: Walk = { counts: new Counts(), messages: new Messages(), corruptions: 0, overlaps: 0, activeTables: new Counts() };
+  const inFile = (offset: number, bytes: number, what: string): boolean => {
     if (offset + bytes > fileSize || offset < 0) {
       w.corruptions++;
       w.messages.push(`ERROR ${what} at offset ${offset} lies outside the file`);
       return false;
     }
-    for (let c = Math.floor(offset / cs); c < Math.ceil((offset + bytes) / cs); c++) w.counts.add(c);
+    return true;
+  };
+  const ref = (offset: number, bytes: number, what: string, weight = 1): boolean => {
+    if (!inFile(offset, bytes, what)) return false;
+    for (let c = Math.floor(offset / cs); c < Math.ceil((offset + bytes) / cs); c++) w.counts.add(c, weight);
     return true;
   };
   /** Data on metadata: counted apart, because no refcount repair can fix it. */
@@ -80,43 +144,35 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
   };
   const h = drv.header;
   ref(0, cs, 'header');
-  const walkL1 = async (l1: Buffer, l1Size: number, active: boolean) => {
+  // L2 tables are counted per L1 entry, but each distinct table's contents are
+  // read once and counted with the number of L1 entries naming it: cost follows
+  // the metadata, not how often a hostile L1 repeats one table.
+  const tables = new Counts();
+  const firstL1 = new Counts();
+  const addL1 = (l1: Buffer, l1Size: number, weight: number, active: boolean) => {
     for (let i = 0; i < l1Size; i++) {
-      const { offset, copied } = readL1Entry(l1, i);
+      const { offset } = readL1Entry(l1, i);
       if (!offset) continue;
       if (offset % cs) {
-        w.corruptions++;
+        w.corruptions += weight;
         w.messages.push(`ERROR L1 entry ${i} has unaligned offset ${offset}`);
         continue;
       }
-      if (!ref(offset, cs, `L2 table of L1 entry ${i}`)) continue;
-      if (active) w.activeL2.push({ l1Index: i, offset, copied });
-      const table = active ? await drv.l2Cache.get(offset) : await readCluster(drv, offset);
-      for (let j = 0; j < drv.l2Entries; j++) {
-        const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
-        if (e.compressed) {
-          const start = e.compressedOffset - (e.compressedOffset % 512);
-          overlapping(start, e.compressedOffset + e.compressedBytes - start, `compressed cluster of guest cluster ${i * drv.l2Entries + j}`);
-          ref(start, e.compressedOffset + e.compressedBytes - start, 'compressed cluster');
-        } else if (e.host) {
-          if (e.host % cs) {
-            w.corruptions++;
-            w.messages.push(`ERROR L2 entry ${j} of table ${offset} has unaligned offset ${e.host}`);
-            continue;
-          }
-          overlapping(e.host, cs, `data cluster of guest cluster ${i * drv.l2Entries + j}`);
-          if (ref(e.host, cs, 'data cluster') && active) w.active.push({ table: offset, index: j, host: e.host, copied: e.copied });
-        }
-      }
+      if (!inFile(offset, cs, `L2 table of L1 entry ${i}`)) continue;
+      tables.add(offset / cs, weight);
+      // The first L1 entry naming a table gives its entries their guest cluster numbers in messages.
+      if (!firstL1.get(offset / cs)) firstL1.add(offset / cs, i + 1);
+      if (active) w.activeTables.add(offset / cs);
     }
   };
   ref(h.l1TableOffset, h.l1Size * 8, 'L1 table');
-  await walkL1(drv.l1Table, h.l1Size, true);
+  addL1(drv.l1Table, h.l1Size, 1, true);
 
-  // Internal snapshots: their L1 tables, and everything those reach.
+  // Internal snapshots: their L1 tables (each distinct one read once), and everything those reach.
   if (h.nbSnapshots) {
     const table = Buffer.alloc(Math.min(64 * 1024 * 1024, Math.max(0, drv.file.size() - h.snapshotsOffset)));
     await io.preadv(drv.file, h.snapshotsOffset, table.length, [table]);
+    const l1s = new Map<string, { offset: number; size: number; weight: number }>();
     let pos = 0;
     for (let s = 0; s < h.nbSnapshots; s++) {
       if (pos + 40 > table.length) throw new VdiskError('ERR_IMAGE_CORRUPT', 'qcow2: snapshot table runs past the end of the file');
@@ -127,13 +183,43 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
       const extra = table.readUInt32BE(pos + 36);
       if (l1Size * 8 > 32 * 1024 * 1024) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: snapshot ${s} has an absurd L1 size`);
       if (ref(l1Offset, l1Size * 8, `L1 table of snapshot ${s}`)) {
-        const l1 = Buffer.alloc(l1Size * 8);
-        await io.preadv(drv.file, l1Offset, l1.length, [l1]);
-        await walkL1(l1, l1Size, false);
+        const key = `${l1Offset}:${l1Size}`;
+        const seen = l1s.get(key);
+        if (seen) seen.weight++;
+        else l1s.set(key, { offset: l1Offset, size: l1Size, weight: 1 });
       }
       pos += Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
     }
     ref(h.snapshotsOffset, pos, 'snapshot table');
+    for (const l1 of l1s.values()) {
+      const buf = Buffer.alloc(l1.size * 8);
+      await io.preadv(drv.file, l1.offset, buf.length, [buf]);
+      addL1(buf, l1.size, l1.weight, false);
+    }
+  }
+
+  for (const [cluster, weight] of tables.entries()) {
+    const offset = cluster * cs;
+    const firstGuest = (firstL1.get(cluster) - 1) * drv.l2Entries;
+    ref(offset, cs, 'L2 table', weight);
+    // A table changed in memory (repair) is read from the cache, others from the file.
+    const table = drv.l2Cache.peek(offset) ?? (await readCluster(drv, offset));
+    for (let j = 0; j < drv.l2Entries; j++) {
+      const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
+      if (e.compressed) {
+        const start = e.compressedOffset - (e.compressedOffset % 512);
+        overlapping(start, e.compressedOffset + e.compressedBytes - start, `compressed cluster of guest cluster ${firstGuest + j}`);
+        ref(start, e.compressedOffset + e.compressedBytes - start, 'compressed cluster', weight);
+      } else if (e.host) {
+        if (e.host % cs) {
+          w.corruptions += weight;
+          w.messages.push(`ERROR L2 entry ${j} of table ${offset} has unaligned offset ${e.host}`);
+          continue;
+        }
+        overlapping(e.host, cs, `data cluster of guest cluster ${firstGuest + j}`);
+        ref(e.host, cs, 'data cluster', weight);
+      }
+    }
   }
 
   for (const m of drv.refcounts.metadataClusters()) ref(m.offset, m.clusters * cs, m.what);
@@ -186,6 +272,7 @@ async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
 export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
+  const cs = drv.clusterSize;
   // Tables found overlapping at open: a repair would write through them.
   const tableOverlap = drv.corrupt;
   const notes = tableOverlap ? [`ERROR ${tableOverlap}`] : [];
@@ -205,70 +292,131 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
       repair = 'none';
     }
     const rc = drv.refcounts;
-    const end = Math.max(w.counts.max, Math.ceil(Math.max(drv.file.size(), rc.fileEnd) / drv.clusterSize));
     let leaks = 0;
     let errors = 0;
     let fixes = 0;
+    let highest = -1;
     const fixesBefore = result.leaksFixed + result.corruptionsFixed;
-    const messages = [...w.messages];
-    for (let c = 0; c < end; c++) {
-      const expected = w.counts.get(c);
-      const actual = await rc.get(c);
-      if (actual === expected) continue;
+    const messages = w.messages;
+    /** One cluster whose refcount differs from its references; true if it was repaired. */
+    const mismatch = async (c: number, expected: number, actual: number): Promise<boolean> => {
       if (actual > expected) {
         leaks++;
         if (repair !== 'none') {
           await rc.set(c, expected);
           result.leaksFixed++;
           fixes++;
-        } else messages.push(`Leaked cluster ${c} refcount=${actual} reference=${expected}`);
-      } else {
-        errors++;
-        if (expected > rc.maxRefcount) {
-          messages.push(`ERROR cluster ${c} is referenced ${expected} times, more than ${rc.bits}-bit refcounts can count`);
-        } else if (repair === 'all') {
-          await rc.set(c, expected);
-          result.corruptionsFixed++;
-          fixes++;
-        } else messages.push(`ERROR cluster ${c} refcount=${actual} reference=${expected}`);
+          return true;
+        }
+        messages.push(`Leaked cluster ${c} refcount=${actual} reference=${expected}`);
+        return false;
+      }
+      errors++;
+      if (expected > rc.maxRefcount) {
+        messages.push(`ERROR cluster ${c} is referenced ${expected} times, more than ${rc.bits}-bit refcounts can count`);
+      } else if (repair === 'all') {
+        await rc.set(c, expected);
+        result.corruptionsFixed++;
+        fixes++;
+        return true;
+      } else messages.push(`ERROR cluster ${c} refcount=${actual} reference=${expected}`);
+      return false;
+    };
+    // Compare only where something is: the clusters the refcount blocks describe
+    // (each distinct block scanned once, without I/O per entry) and the
+    // referenced ones. A file's apparent size adds nothing: past them every
+    // refcount and every reference is zero.
+    const refs = w.counts.entries();
+    let next = refs.next();
+    const referencedBefore = async (end: number) => {
+      for (; !next.done && next.value[0] < end; next = refs.next()) {
+        const [c, expected] = next.value;
+        highest = Math.max(highest, c);
+        const actual = await rc.get(c);
+        if (actual !== expected) await mismatch(c, expected, actual);
+      }
+    };
+    const perBlock = rc.entriesPerBlock;
+    const scannedBlocks = new Set<number>();
+    const tableEntries = rc.tableEntries;
+    for (let t = 0; t < tableEntries; t++) {
+      const off = rc.blockAt(t);
+      // A block named twice is an error counted on the block itself; its clusters are scanned once.
+      if (!off || scannedBlocks.has(off)) continue;
+      scannedBlocks.add(off);
+      const from = t * perBlock;
+      await referencedBefore(from);
+      let read = await rc.blockReader(t);
+      for (let c = from; c < from + perBlock; c++) {
+        let expected = 0;
+        if (!next.done && next.value[0] === c) {
+          expected = next.value[1];
+          next = refs.next();
+        }
+        const actual = read(c - from);
+        if (actual || expected) highest = c;
+        if (actual === expected) continue;
+        if (await mismatch(c, expected, actual)) read = await rc.blockReader(t);
       }
     }
+    await referencedBefore(Infinity);
+
     // COPIED flags of the active tables must say "refcount is exactly one".
-    for (const l2 of w.activeL2) {
-      const one = (await rc.get(l2.offset / drv.clusterSize)) === 1;
-      if (one === l2.copied) continue;
+    // Refcounts are read block by block without I/O per entry (no repair here changes them).
+    let readerBlock = -1;
+    let reader: ((i: number) => number) | null = null;
+    const refcountOf = async (c: number): Promise<number> => {
+      const t = Math.floor(c / perBlock);
+      if (t !== readerBlock) {
+        readerBlock = t;
+        reader = rc.blockAt(t) ? await rc.blockReader(t) : null;
+      }
+      return reader ? reader(c % perBlock) : 0;
+    };
+    const l1 = drv.l1Table;
+    const fileSize = Math.max(drv.file.size(), rc.fileEnd);
+    for (let i = 0; i < drv.header.l1Size; i++) {
+      const { offset, copied } = readL1Entry(l1, i);
+      if (!offset || offset % cs || offset + cs > fileSize) continue;
+      const one = (await refcountOf(offset / cs)) === 1;
+      if (one === copied) continue;
       errors++;
       if (repair === 'all') {
-        writeL1Entry(drv.l1Table, l2.l1Index, l2.offset, one);
+        writeL1Entry(l1, i, offset, one);
         drv.markL1Dirty();
         result.corruptionsFixed++;
         fixes++;
-      } else messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${l2.l1Index} refcount mismatch`);
+      } else messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} refcount mismatch`);
     }
-    for (const d of w.active) {
-      const one = (await rc.get(d.host / drv.clusterSize)) === 1;
-      if (one === d.copied) continue;
-      errors++;
-      if (repair === 'all') {
-        const table = await drv.l2Cache.get(d.table);
-        const pos = d.index * (drv.extendedL2 ? 16 : 8);
-        const hi = table.readUInt32BE(pos);
-        table.writeUInt32BE((one ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, pos);
-        drv.l2Cache.markDirty(d.table, table);
-        result.corruptionsFixed++;
-        fixes++;
-      } else messages.push(`ERROR OFLAG_COPIED data cluster: host offset ${d.host}`);
+    for (const [tableCluster] of w.activeTables.entries()) {
+      const tableOffset = tableCluster * cs;
+      const table = await drv.l2Cache.get(tableOffset);
+      let changed = false;
+      for (let j = 0; j < drv.l2Entries; j++) {
+        const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
+        if (e.compressed || !e.host || e.host % cs || e.host + cs > fileSize) continue;
+        const one = (await refcountOf(e.host / cs)) === 1;
+        if (one === e.copied) continue;
+        errors++;
+        if (repair === 'all') {
+          const pos = j * (drv.extendedL2 ? 16 : 8);
+          const hi = table.readUInt32BE(pos);
+          table.writeUInt32BE((one ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, pos);
+          changed = true;
+          result.corruptionsFixed++;
+          fixes++;
+        } else messages.push(`ERROR OFLAG_COPIED data cluster: host offset ${e.host}`);
+      }
+      if (changed) drv.l2Cache.markDirty(tableOffset, table);
     }
     if (pass === 0) {
       result.leaks = leaks;
       result.corruptions = errors + w.corruptions;
     }
-    result.messages = messages;
-    let allocated = 0;
-    for (let c = 0; c < end; c++) if (w.counts.get(c)) allocated++;
-    result.allocatedClusters = allocated;
-    result.totalClusters = Math.ceil(drv.size() / drv.clusterSize);
-    result.imageEndOffset = end * drv.clusterSize;
+    result.messages = messages.done();
+    result.allocatedClusters = w.counts.size;
+    result.totalClusters = Math.ceil(drv.size() / cs);
+    result.imageEndOffset = (highest + 1) * cs;
     if (!fixes) break;
     await drv.flush();
     // Repairs can allocate refcount blocks: check again until nothing changes.

@@ -104,36 +104,30 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
   const head = serializeHeader(header);
 
   const reftable = Buffer.alloc(tableClusters * cs);
-  const blockBufs: Buffer[] = [];
-  for (let b = 0; b < blocks; b++) {
-    reftable.writeBigUInt64BE(BigInt((blocksAt + b) * cs), b * 8);
-    blockBufs.push(Buffer.alloc(cs));
-  }
-  for (let c = 0; c < total; c++) {
-    const block = blockBufs[Math.floor(c / entriesPerBlock)]!;
-    const i = c % entriesPerBlock;
-    // Refcount 1 in a big-endian entry of refcount_bits (sub-byte entries: least significant bits first).
-    if (o.refcountBits < 8) {
-      const bit = i * o.refcountBits;
-      block[bit >> 3]! |= 1 << (bit & 7);
-    } else {
-      block[(i + 1) * (o.refcountBits / 8) - 1] = 1;
-    }
-  }
-  const l1 = Buffer.alloc(l1Clusters * cs);
-  const l2s: Buffer[] = [];
-  if (prealloc) {
-    for (let i = 0; i < l1Size; i++) {
-      writeL1Entry(l1, i, (l2At + i) * cs, true);
-      const l2 = Buffer.alloc(cs);
-      for (let j = 0; j < l2Entries; j++) {
-        const guest = i * l2Entries + j;
-        if (guest >= dataClusters) break;
-        writeL2Entry(l2, j, o.extendedL2, { host: (dataAt + guest) * cs, copied: true, allocMask: 0xffffffff, zeroMask: 0 });
+  for (let b = 0; b < blocks; b++) reftable.writeBigUInt64BE(BigInt((blocksAt + b) * cs), b * 8);
+  /** Refcount block `b`: refcount 1 for every cluster the image uses. */
+  const fillBlock = (block: Buffer, b: number) => {
+    for (let c = b * entriesPerBlock; c < Math.min(total, (b + 1) * entriesPerBlock); c++) {
+      const i = c % entriesPerBlock;
+      // Refcount 1 in a big-endian entry of refcount_bits (sub-byte entries: least significant bits first).
+      if (o.refcountBits < 8) {
+        const bit = i * o.refcountBits;
+        block[bit >> 3]! |= 1 << (bit & 7);
+      } else {
+        block[(i + 1) * (o.refcountBits / 8) - 1] = 1;
       }
-      l2s.push(l2);
     }
-  }
+  };
+  const l1 = Buffer.alloc(l1Clusters * cs);
+  if (prealloc) for (let i = 0; i < l1Size; i++) writeL1Entry(l1, i, (l2At + i) * cs, true);
+  /** L2 table `i`: every guest cluster it covers mapped to its preallocated data cluster. */
+  const fillL2 = (l2: Buffer, i: number) => {
+    for (let j = 0; j < l2Entries; j++) {
+      const guest = i * l2Entries + j;
+      if (guest >= dataClusters) break;
+      writeL2Entry(l2, j, o.extendedL2, { host: (dataAt + guest) * cs, copied: true, allocMask: 0xffffffff, zeroMask: 0 });
+    }
+  };
 
   let fh: fs.FileHandle;
   try {
@@ -145,12 +139,27 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
   try {
     await fh.write(head, 0, head.length, 0);
     await fh.write(reftable, 0, reftable.length, reftableAt * cs);
-    for (const [b, buf] of blockBufs.entries()) await fh.write(buf, 0, cs, (blocksAt + b) * cs);
+    await writeTables(fh, cs, blocksAt, blocks, fillBlock);
     await fh.write(l1, 0, l1.length, l1At * cs);
-    for (const [i, buf] of l2s.entries()) await fh.write(buf, 0, cs, (l2At + i) * cs);
+    if (prealloc) await writeTables(fh, cs, l2At, l1Size, fillL2);
     await fh.truncate(total * cs);
     await fh.sync();
   } finally {
     await fh.close();
+  }
+}
+
+/** Bytes of tables built and written at a time: memory stays this small whatever the disk size. */
+const TABLE_BATCH_BYTES = 4 * 1024 * 1024;
+
+/** Write `count` consecutive cluster-sized tables from cluster `at` on, built by `fill`, in bounded batches. */
+async function writeTables(fh: fs.FileHandle, cs: number, at: number, count: number, fill: (table: Buffer, index: number) => void): Promise<void> {
+  const perBatch = Math.max(1, Math.floor(TABLE_BATCH_BYTES / cs));
+  const batch = Buffer.alloc(Math.min(count, perBatch) * cs);
+  for (let first = 0; first < count; first += perBatch) {
+    const n = Math.min(perBatch, count - first);
+    batch.fill(0);
+    for (let k = 0; k < n; k++) fill(batch.subarray(k * cs, (k + 1) * cs), first + k);
+    await fh.write(batch, 0, n * cs, (at + first) * cs);
   }
 }

@@ -60,12 +60,16 @@ const trace = tracer('qcow2');
  * compressed cluster, so decoding stops once the cluster is complete.
  */
 function zstdCluster(raw: Buffer, clusterSize: number): Buffer {
+  checkZstdFrameHeader(raw);
   const out = Buffer.alloc(clusterSize);
   let got = 0;
+  const full = new Error('cluster complete');
   const d = new Decompress((chunk) => {
     const n = Math.min(chunk.length, clusterSize - got);
     out.set(chunk.subarray(0, n), got);
     got += n;
+    // Stop as soon as the cluster is whole: what follows is never used, however much a frame claims.
+    if (got === clusterSize) throw full;
   });
   try {
     d.push(raw, true);
@@ -74,6 +78,39 @@ function zstdCluster(raw: Buffer, clusterSize: number): Buffer {
   }
   if (got !== clusterSize) throw new Error(`zstd frame gave ${got} bytes`);
   return out;
+}
+
+/** The largest window (and content size) a cluster's frame may declare: a cluster is at most 2 MiB. */
+const MAX_ZSTD_WINDOW = 2 * 1024 * 1024;
+
+/**
+ * The decoder allocates what the frame header declares (window, or content
+ * size for a single-segment frame) before decoding a byte: read those fields
+ * first and refuse more than a cluster could need. QEMU writes one plain frame
+ * per cluster, so anything else (a skippable frame) is refused too.
+ */
+function checkZstdFrameHeader(raw: Buffer): void {
+  if (raw.length < 6 || raw.readUInt32LE(0) !== 0xfd2fb528) throw new Error('not a zstd frame');
+  const fhd = raw[4]!;
+  const singleSegment = (fhd >> 5) & 1;
+  const fcsFlag = fhd >> 6;
+  const dictBytes = [0, 1, 2, 4][fhd & 3]!;
+  let pos = 5;
+  let window = 0;
+  if (!singleSegment) {
+    const wd = raw[pos++]!;
+    const base = 2 ** (10 + (wd >> 3));
+    window = base + (base / 8) * (wd & 7);
+  }
+  pos += dictBytes;
+  const fcsBytes = fcsFlag ? 2 ** fcsFlag : singleSegment;
+  if (raw.length < pos + fcsBytes) throw new Error('truncated zstd frame header');
+  let contentSize = 0;
+  for (let i = fcsBytes - 1; i >= 0; i--) contentSize = contentSize * 256 + raw[pos + i]!;
+  if (fcsBytes === 2) contentSize += 256;
+  if (singleSegment) window = contentSize;
+  if (window > MAX_ZSTD_WINDOW) throw new Error(`zstd frame declares a ${window}-byte window, over the ${MAX_ZSTD_WINDOW} a cluster can need`);
+  if (contentSize > MAX_ZSTD_WINDOW) throw new Error(`zstd frame declares ${contentSize} bytes of content, over the ${MAX_ZSTD_WINDOW} a cluster can need`);
 }
 
 /** What an unmapped cluster looks like. */
@@ -911,12 +948,31 @@ export class Qcow2Driver implements BlockDriver {
   // -------------------------------------------------------------------------
   // Block status
 
+  /**
+   * One answer covers a run of empty L1 entries, or a run of one kind within
+   * one L2 table (read once, then scanned without I/O): the cost of walking a
+   * disk follows its allocated metadata, not its virtual size.
+   */
   async blockStatus(offset: number, bytes: number): Promise<DriverBlockStatus> {
-    const p = await this.piece(offset, bytes);
+    const tableSpan = this.clusterSize * this.l2Entries;
+    const end = offset + bytes;
+    let l1Index = Math.floor(offset / tableSpan);
+    while (l1Index < this.header.l1Size && l1Index * tableSpan < end && !readL1Entry(this.l1, l1Index).offset) l1Index++;
+    const unmappedEnd = l1Index >= this.header.l1Size ? end : Math.min(end, l1Index * tableSpan);
+    if (unmappedEnd > offset) return { bytes: unmappedEnd - offset, allocated: false, zero: !this.backing, data: false };
+    const table = await this.l2Cache.get(readL1Entry(this.l1, l1Index).offset);
+    const tableEnd = Math.min(end, (l1Index + 1) * tableSpan);
+    const pieceAt = (pos: number): Piece => {
+      const cluster = Math.floor(pos / this.clusterSize);
+      const e = readL2Entry(table, cluster % this.l2Entries, this.extendedL2, this.clusterBits);
+      this.checkEntry(e, cluster);
+      return this.pieceOf(pos, tableEnd - pos, e);
+    };
+    const p = pieceAt(offset);
     let n = p.bytes;
     // Extend over following pieces of the same kind (and contiguous host offsets).
-    while (offset + n < offset + bytes && n < 64 * this.clusterSize) {
-      const q = await this.piece(offset + n, bytes - n);
+    while (offset + n < tableEnd) {
+      const q = pieceAt(offset + n);
       if (q.kind !== p.kind || (p.kind === 'normal' && q.host !== p.host + n)) break;
       n += q.bytes;
     }

@@ -367,6 +367,21 @@ export class Refcounts {
     await this.setExisting(cluster, value);
   }
 
+  /** Offset of refcount block `t` (0: none), for check's scan. */
+  blockAt(t: number): number {
+    return t < this.tableEntries ? this.blockOffset(t) : 0;
+  }
+
+  /**
+   * The refcounts of block `t`'s clusters, read without I/O from the block as
+   * it is now (check scans a block this way instead of awaiting every entry).
+   * Valid until the next await: a repair may change or evict the block.
+   */
+  async blockReader(t: number): Promise<(i: number) => number> {
+    const block = await this.cache.get(this.blockOffset(t));
+    return (i) => this.readEntry(block, i);
+  }
+
   /** Offsets of all refcount blocks, and the table's own clusters (for check). */
   metadataClusters(): Array<{ offset: number; clusters: number; what: string }> {
     const out = [{ offset: this.tableOffset, clusters: this.tableClusters, what: 'refcount table' }];
