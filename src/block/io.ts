@@ -45,7 +45,7 @@ function checkRequest(node: BlockNode, offset: number, bytes: number): void {
   const size = node.size();
   if (node.driver.growable) return; // a host file under a format driver: past the end reads zero, writes grow it
   if (offset > size || bytes > size - offset) {
-    throw new VdiskError('EIO', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
+    throw new VdiskError('EINVAL', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
   }
 }
 
