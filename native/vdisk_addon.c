@@ -1,6 +1,6 @@
 /*
  * vdisk native addon: a libfuse3 low-level session driven from Node's own
- * event loop (vdisk_fuse.c, answered through vdisk_reply.c), the host-file
+ * event loop (vdisk_fuse.c and vdisk_ops.c, answered through vdisk_reply.c), the host-file
  * calls Node lacks (vdisk_host.c) and peer credentials of the control socket
  * (vdisk_peercred.c). This file holds the N-API helpers they share and the
  * module's entry point.
