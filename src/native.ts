@@ -1,4 +1,4 @@
-/** Loads the N-API addon (native/vdisk_fuse.c) and types its surface. */
+/** Loads the N-API addon (native/vdisk_addon.c and the files beside it) and types its surface. */
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';

@@ -1,6 +1,6 @@
 /**
  * The last line of defence against secrets on the terminal. Messages and
- * traces name remote images by their display form (drivers/url-display.ts);
+ * traces name remote images by their display form (drivers/http/url.ts);
  * this catches what slips past that rule, e.g. a third-party error that
  * quotes a URL: traces (trace.ts) and the CLI's error line (cli/util.ts) pass
  * through redact(), which drops the user:password and query of any URL in the

@@ -7,7 +7,7 @@
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { displayUrl, isHttpUrl } from '../drivers/http.js';
+import { displayUrl, isHttpUrl } from '../drivers/http/url.js';
 import { VdiskError } from '../errors.js';
 
 export interface BackingConfinement {

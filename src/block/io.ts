@@ -45,7 +45,7 @@ function checkRequest(node: BlockNode, offset: number, bytes: number): void {
   const size = node.size();
   if (node.driver.growable) return; // a host file under a format driver: past the end reads zero, writes grow it
   if (offset > size || bytes > size - offset) {
-    throw new VdiskError('EIO', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
+    throw new VdiskError('EINVAL', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
   }
 }
 
@@ -100,7 +100,7 @@ async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov
 }
 
 /**
- * Copy-on-read (seed 003): the read is widened to whole clusters; clusters the
+ * Copy-on-read (as in QEMU's bdrv_co_do_copy_on_readv): the read is widened to whole clusters; clusters the
  * top node lacks are read through the chain, handed to the caller, and written
  * into the top node (all-zero ones as write-zeroes). The request is serialising
  * at cluster granularity and looks at the allocation only once it runs, so a
@@ -371,7 +371,7 @@ async function rmwZero(node: BlockNode, block: number, from: number, to: number)
   await alignedPreadv(node, block, align, [buf]);
   buf.fill(0, from, to);
   // A block that will read as zero anyway is a write-zeroes of the whole block:
-  // the driver can do it as metadata instead of allocating (seed 004).
+  // the driver can do it as metadata (a qcow2 zero cluster) instead of allocating.
   if (isZero(buf)) return alignedPwriteZeroes(node, block, align, {});
   await alignedPwritev(node, block, align, [buf]);
 }
@@ -400,7 +400,7 @@ async function alignedPwriteZeroes(node: BlockNode, offset: number, bytes: numbe
 
 /**
  * Write real zeroes from one bounded buffer, reused for every chunk, so zeroing
- * a terabyte takes constant memory (seed 000's review).
+ * a terabyte takes constant memory, not a terabyte of zeroes.
  */
 async function writeZeroesFallback(node: BlockNode, offset: number, bytes: number): Promise<void> {
   const { requestAlignment: align, maxTransfer } = node.limits;

@@ -1,4 +1,5 @@
 import type { BlockDriver, BlockLimits } from './driver.js';
+import { VdiskError } from '../errors.js';
 
 export const DEFAULT_MAX_TRANSFER_BYTES = 16 * 1024 * 1024;
 /** Largest zero buffer the write-zeroes fallback ever allocates (QEMU's MAX_BOUNCE_BUFFER idea). */
@@ -21,12 +22,12 @@ export function resolveLimits(driver: BlockDriver): BlockLimits {
     maxPdiscard: l.maxPdiscard ?? 2 ** 52,
   };
   for (const key of ['requestAlignment', 'pwriteZeroesAlignment', 'pdiscardAlignment'] as const) {
-    if (!isPowerOfTwo(limits[key])) throw new RangeError(`${driver.formatName}: ${key} must be a power of two`);
+    if (!isPowerOfTwo(limits[key])) throw new VdiskError('EINVAL', `${driver.formatName}: ${key} must be a power of two`);
   }
   for (const key of ['maxTransfer', 'maxPwriteZeroes', 'maxPdiscard'] as const) {
     // Keep the maxima aligned so that splitting never produces an unaligned piece.
     limits[key] = Math.floor(limits[key] / requestAlignment) * requestAlignment;
-    if (limits[key] <= 0) throw new RangeError(`${driver.formatName}: ${key} is smaller than requestAlignment`);
+    if (limits[key] <= 0) throw new VdiskError('EINVAL', `${driver.formatName}: ${key} is smaller than requestAlignment`);
   }
   return limits;
 }

@@ -7,6 +7,7 @@
 import type { BlockDriver, BlockLimits } from './driver.js';
 import { resolveLimits } from './limits.js';
 import { RequestTracker } from './tracked-requests.js';
+import { VdiskError } from '../errors.js';
 
 export type DetectZeroes = 'off' | 'on' | 'unmap';
 export type DiscardMode = 'ignore' | 'unmap';
@@ -57,7 +58,7 @@ export class BlockNode {
     this.copyOnRead = options.copyOnRead ?? false;
     const size = driver.size();
     if (size % this.limits.requestAlignment !== 0) {
-      throw new RangeError(`${this.name}: size ${size} is not a multiple of its request alignment`);
+      throw new VdiskError('EINVAL', `${this.name}: size ${size} is not a multiple of its request alignment`);
     }
   }
 

@@ -9,7 +9,7 @@ import { VdiskError } from '../errors.js';
 import { formatSize } from './util.js';
 import { coerceWith, parseInteger, parseSize } from './numbers.js';
 import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
-import { displayName } from '../drivers/http.js';
+import { displayName } from '../drivers/http/url.js';
 
 export interface CreateArgs {
   file: string;

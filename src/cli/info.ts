@@ -6,7 +6,7 @@ import { chainOf, openImage } from '../block/open.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { featureNames } from '../drivers/qcow2/header.js';
-import { displayName } from '../drivers/http.js';
+import { displayName } from '../drivers/http/url.js';
 import { formatSize } from './util.js';
 
 export interface InfoArgs {

@@ -7,7 +7,7 @@ import { streamImage, type StreamProgress, type StreamResult } from '../jobs/str
 import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
-import { displayName } from '../drivers/url-display.js';
+import { displayName } from '../drivers/http/url.js';
 import { formatSize } from './util.js';
 
 export interface StreamArgs {

@@ -74,7 +74,7 @@ export async function openRegularFile(path: string, flags: number, allowBlockDev
     const stats = await fstat(fd);
     if (!acceptable(stats)) throw notAFile(path, stats);
     const cleared = native().clearNonBlock(fd);
-    if (cleared !== 0) throw Object.assign(new Error(`fcntl(F_SETFL) on ${path} failed (errno ${-cleared})`), { errno: cleared });
+    if (cleared !== 0) throw new VdiskError('EIO', `fcntl(F_SETFL) on ${path} failed (errno ${-cleared})`);
     const blockDevice = stats.isBlockDevice();
     const size = blockDevice ? await native().lseek(fd, 0, SEEK_END) : stats.size;
     return { fd, stats, size, blockDevice };

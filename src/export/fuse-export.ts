@@ -3,7 +3,7 @@
  * Each file operation becomes block requests on the top node; this is the
  * only place where errors become errno values.
  *
- * Semantics (docs/FUSE.md has the user-facing version):
+ * Semantics (docs/FUSE.md has the user-facing version, with errors and stopping):
  * - The mountpoint is an existing regular file; it is the disk while mounted.
  * - The size is fixed. Reads past the end return 0 bytes; a write that starts
  *   at or past the end fails with ENOSPC and one that crosses it is cut short,

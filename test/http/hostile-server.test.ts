@@ -11,7 +11,8 @@ import { useScratchDir } from '../helpers/env.js';
 import { FaultServer, type FaultServerOptions } from '../helpers/fault-server.js';
 import { MiB, Mount, shAsync, vdiskAsync } from '../helpers/vdisk.js';
 import { seededData } from '../helpers/workload.js';
-import { MAX_RETRY_AFTER_MS, parseContentRange, parseRetryAfter, rangeDeadlineMs } from '../../src/drivers/http-numbers.js';
+import { parseContentRange } from '../../src/drivers/http/numbers.js';
+import { MAX_RETRY_AFTER_MS, parseRetryAfter, rangeDeadlineMs } from '../../src/drivers/http/retry.js';
 import { redact, addSecret } from '../../src/secrets.js';
 
 let dir: string;

@@ -11,7 +11,7 @@ import { FaultServer, type Fault } from '../helpers/fault-server.js';
 import { Nginx } from '../helpers/nginx.js';
 import { MiB, Mount, sh, shAsync, vdisk, vdiskAsync } from '../helpers/vdisk.js';
 import { seededData } from '../helpers/workload.js';
-import { HttpDriver } from '../../src/drivers/http.js';
+import { HttpDriver } from '../../src/drivers/http/index.js';
 import { expectQemuClean, qemuImgMap } from '../helpers/image.js';
 
 let dir: string;
