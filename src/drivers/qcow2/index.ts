@@ -33,7 +33,7 @@ import * as io from '../../block/io.js';
 import { iovSlice, isZero } from '../../block/iov.js';
 import { VdiskError, notSupported } from '../../errors.js';
 import { tracer } from '../../trace.js';
-import { displayName } from '../url-display.js';
+import { displayName } from '../http/url.js';
 import {
   EXT_BITMAPS,
   EXT_VDISK_OPTIONS,
