@@ -82,6 +82,8 @@ export class Job<R = unknown> {
   private pauseRequested = false;
   private cancelRequested = false;
   private completeRequested = false;
+  /** The body waits in waitReady(): a resume takes it back to ready, not running. */
+  private inReady = false;
   /** Wakes the body from a rate-limit sleep, a pause or the ready state, to look at its requests again. */
   private wake: (() => void) | null = null;
   private markConcluded!: () => void;
@@ -165,6 +167,8 @@ export class Job<R = unknown> {
     if (!this.pauseRequested) throw new VdiskError('ERR_JOB_STATE', `job ${this.id} is not paused`);
     this.pauseRequested = false;
     trace('job %s resumed', this.id);
+    // Shown at once (the body wakes on the next tick), so whoever resumed sees the job running again.
+    if (this.stateValue === 'paused') this.setState(this.inReady ? 'ready' : 'running');
     this.wakeBody();
   }
 
@@ -243,10 +247,12 @@ export class Job<R = unknown> {
    * wait for complete (true) or cancel (false). Pauses are honoured here too.
    */
   async waitReady(): Promise<boolean> {
+    this.inReady = true;
     while (!this.cancelRequested && !this.completeRequested) {
       this.setState(this.pauseRequested ? 'paused' : 'ready');
       await this.sleep(Infinity);
     }
+    this.inReady = false;
     if (!this.cancelRequested) this.setState('running');
     return !this.cancelRequested;
   }
