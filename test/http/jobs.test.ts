@@ -68,7 +68,7 @@ async function jobsOf(target: string): Promise<JobInfo[]> {
 /** Poll `vdisk jobs` until job `id` satisfies `ok` (a bounded number of polls, no sleeps). */
 async function waitJob(target: string, id: string, ok: (j: JobInfo) => boolean, what: string): Promise<JobInfo> {
   let last: JobInfo | undefined;
-  for (let i = 0; i < 400; i++) {
+  for (let i = 0; i < 150; i++) {
     last = (await jobsOf(target)).find((j) => j.id === id);
     if (last && ok(last)) return last;
   }
