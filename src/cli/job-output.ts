@@ -17,11 +17,13 @@ export class JobProgressView {
   private last = 0;
   private shown = false;
 
+  /** The job's id, for event lines, once known. */
+  id = '';
+
   /** `enabled`: -p was given; `format`: a bar for people, event lines for programs. */
   constructor(
     private readonly enabled: boolean,
     private readonly format: OutputFormat,
-    private readonly id = '',
   ) {}
 
   update(p: JobProgress): void {

@@ -74,7 +74,8 @@ async function viaMount(args: StreamArgs, imageRealPath: string, view: JobProgre
         for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
           const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: string; message: string };
           buf = buf.slice(nl + 1);
-          if (msg.type === 'progress') view.update(viewProgress((last = msg)));
+          if (msg.type === 'job') view.id = (msg as unknown as { id: string }).id;
+          else if (msg.type === 'progress') view.update(viewProgress((last = msg)));
           else if (msg.type === 'done') result = msg;
           else if (msg.type === 'error') error = msg;
         }
@@ -116,11 +117,15 @@ export async function runStream(args: StreamArgs & HttpArgs & ConfineArgs): Prom
   const top = await openImage(args.image, { ...imageOpenOptions(args), ...confine, format: 'qcow2', copyOnRead: false });
   const runner = new JobRunner();
   let job: ReturnType<typeof startStream> | null = null;
-  const onSignal = () => job?.cancel();
+  // A signal after the end (while closing) has nothing left to cancel.
+  const onSignal = () => {
+    if (job && job.state !== 'concluded') job.cancel();
+  };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
     job = startStream(runner, top, { dropBacking: args['drop-backing'], rateLimit: args['rate-limit'] ?? 0 });
+    view.id = job.id;
     job.events.on('progress', (info) => view.update(info.progress));
     await job.concluded;
     view.end();
