@@ -18,8 +18,13 @@ let dir: string;
 let nginx: Nginx;
 let remote: string;
 const SIZE = 32 * MiB;
-/** Slow enough that a job is still running after several `vdisk jobs` calls (8 s for the disk), fast enough to finish. */
-const RATE = '4M';
+/**
+ * Slow enough that a job still runs after a dozen `vdisk` commands on a busy
+ * machine (16 s for the disk), fast enough to finish in the test; the jobs the
+ * test stops itself go slower still, for a wider margin.
+ */
+const RATE = '2M';
+const SLOW_RATE = '1M';
 
 useScratchDir({ tools: { nginx: 'nginx-light', 'qemu-img': 'qemu-utils' } }, (d) => (dir = d));
 
@@ -50,8 +55,8 @@ function create(name: string): string {
 }
 
 /** `vdisk stream` against a mount, left running; `exited` resolves with its code and output. */
-function startStream(image: string, extra: string[] = []) {
-  const child = spawn(process.execPath, [CLI, 'stream', '--output', 'json', '--rate-limit', RATE, ...extra, image], { stdio: ['ignore', 'pipe', 'pipe'] });
+function startStream(image: string, extra: string[] = [], rate = RATE) {
+  const child = spawn(process.execPath, [CLI, 'stream', '--output', 'json', '--rate-limit', rate, ...extra, image], { stdio: ['ignore', 'pipe', 'pipe'] });
   const out = { stdout: '', stderr: '' };
   child.stdout.on('data', (d: Buffer) => (out.stdout += d.toString()));
   child.stderr.on('data', (d: Buffer) => (out.stderr += d.toString()));
@@ -90,7 +95,7 @@ describe('vdisk jobs and vdisk job', () => {
       const client = startStream(image, ['--drop-backing']);
       // Named by its mountpoint this time: the mount listens under both names.
       const first = await waitJob(mnt, 'stream-1', (j) => j.state === 'running' && j.progress.current > 0, 'ran');
-      expect(first).toMatchObject({ type: 'stream', progress: { total: SIZE }, rateLimit: 4 * MiB });
+      expect(first).toMatchObject({ type: 'stream', progress: { total: SIZE }, rateLimit: 2 * MiB });
       const grown = await waitJob(mnt, 'stream-1', (j) => j.progress.current > first.progress.current, 'made progress');
       expect(grown.progress.current).toBeLessThan(SIZE);
 
@@ -104,7 +109,7 @@ describe('vdisk jobs and vdisk job', () => {
       const pause = await vdiskAsync(['job', 'pause', 'stream-1']);
       expect(pause.status, pause.stderr).toBe(0);
       const paused = await waitJob(image, 'stream-1', (j) => j.state === 'paused', 'paused');
-      // Paused: progress stays put across further looks (a running job at 4 MiB/s moves between any two).
+      // Paused: progress stays put across further looks (a running job at 2 MiB/s moves between any two).
       for (let i = 0; i < 5; i++) {
         const [now] = await jobsOf(image);
         expect(now).toMatchObject({ state: 'paused', progress: { current: paused.progress.current } });
@@ -131,8 +136,8 @@ describe('vdisk jobs and vdisk job', () => {
     const ma = await Mount.start(a, `${a}.mnt`);
     const mb = await Mount.start(b, `${b}.mnt`);
     try {
-      const ca = startStream(a);
-      const cb = startStream(b, ['--drop-backing']);
+      const ca = startStream(a, [], SLOW_RATE);
+      const cb = startStream(b, ['--drop-backing'], SLOW_RATE);
       await waitJob(a, 'stream-1', (j) => j.state === 'running' && j.progress.current > 0, 'ran on a');
       const bRunning = await waitJob(b, 'stream-1', (j) => j.state === 'running' && j.progress.current > 0, 'ran on b');
       // Both are running at this point: a is neither paused nor done.
