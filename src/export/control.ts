@@ -77,7 +77,7 @@ export async function connectSocket(socketPath: string): Promise<net.Socket | nu
  * (the result) or `error`; the client closing the connection cancels the job
  * (Ctrl-C on `vdisk stream`). The others get one answer and the end.
  *   {op:'stream', dropBacking?, rateLimit?} -> {type:'job',id} {type:'progress',...}* {type:'done',...} | {type:'error',...}
- *   {op:'jobs'}                             -> {type:'jobs', jobs: JobInfo[]}
+ *   {op:'jobs'}                             -> {type:'jobs', pid, jobs: JobInfo[]}   (pid: one mount has two socket names)
  *   {op:'job', action, id}                  -> {type:'ok', job: JobInfo} | {type:'error',...}
  */
 export type ControlRequest =
