@@ -40,6 +40,8 @@ export const ERROR_TABLE = {
   ERR_UNSAFE_PATH: { errno: E.EACCES, message: 'a directory is not safe to use: a symlink, or owned or writable by another user' },
   ERR_CONTROL_PEER: { errno: E.EACCES, message: 'the control socket is served by another user' },
   ERR_BACKING_CONFINED: { errno: E.EACCES, message: 'a backing file lies outside --backing-confine, or is remote without --allow-remote' },
+  ERR_JOB_NOT_FOUND: { errno: E.ENOENT, message: 'no job with that id' },
+  ERR_JOB_STATE: { errno: E.EINVAL, message: 'the job is not in a state that allows this' },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_TABLE;

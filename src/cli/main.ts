@@ -11,6 +11,7 @@ import { mapOptions, runMap } from './map.js';
 import { mountOptions, runMount } from './mount.js';
 import { runUnmount, unmountOptions } from './unmount.js';
 import { runStream, streamOptions } from './stream.js';
+import { jobOptions, jobsOptions, runJob, runJobs } from './jobs.js';
 import { exitCodeOf, reportError } from './util.js';
 
 /**
@@ -36,6 +37,8 @@ async function main(argv: string[]): Promise<void> {
     .command('info <file>', 'show format, virtual size and disk usage of an image', infoOptions, runInfo)
     .command('map <file>', 'show which ranges hold data or read as zero, and which image of the chain has them', mapOptions, runMap)
     .command('stream <image>', 'copy into a qcow2 image everything it still takes from its backing chain (resumable)', streamOptions, runStream)
+    .command('jobs <target>', 'list the jobs of a mount (named by its image or mountpoint): id, type, state, progress, error', jobsOptions, runJobs)
+    .command('job <action> <id>', 'pause, resume, cancel or complete a job of a mount', jobOptions, runJob)
     .command('check <file>', 'check a qcow2 image for leaks and corruptions; -r repairs', checkOptions, runCheck)
     .example('$0 create disk.img 10G', 'a sparse 10 GiB raw image')
     .example('$0 create -f qcow2 -b base.img -F raw overlay.qcow2', 'a qcow2 overlay on a raw base')
@@ -44,6 +47,7 @@ async function main(argv: string[]): Promise<void> {
     .example('$0 create -f qcow2 -b https://example.org/distro.iso -F raw cache.qcow2', 'a local overlay on a remote ISO')
     .example('$0 mount --copy-on-read cache.qcow2 distro.iso', 'each block read crosses the network once')
     .example('$0 stream -p --drop-backing cache.qcow2', 'fetch the rest, then stand alone')
+    .example('$0 jobs distro.iso && $0 job pause stream-1', "a mount's jobs; pause one")
     .demandCommand(1, 'name a command')
     .strict()
     .help()

@@ -148,11 +148,11 @@ export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promis
     throw err;
   }
 
-  // Other vdisk commands (stream) reach this process through its control socket.
+  // Other vdisk commands (stream, jobs, job) reach this process through its control socket, named by the image or the mountpoint.
   let control: ControlServer | null = null;
   if (image.driver instanceof Qcow2Driver && !image.readOnly) {
-    control = await ControlServer.start(image, await fs.realpath(args.image)).catch((err: unknown) => {
-      process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream cannot reach this mount\n`);
+    control = await ControlServer.start(image, [await fs.realpath(args.image), exp.mountpoint]).catch((err: unknown) => {
+      process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream and vdisk jobs cannot reach this mount\n`);
       return null;
     });
   }

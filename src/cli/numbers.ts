@@ -82,4 +82,6 @@ export const OPTION_NUMBERS = {
   httpRetries: (text: string) => parseInteger(text, '--http-retries', { min: 0, max: 100 }),
   /** qcow2's L2 cache, 512 B to 4 GiB (the cache keeps at least 4 tables whatever it is given; the crash tests use the smallest). */
   l2CacheBytes: (text: string) => parseSize(text, '--l2-cache-size', { min: 512, max: 4 * 2 ** 30 }),
+  /** A job's rate limit, bytes/s (0: none). */
+  rateLimit: (text: string) => parseSize(text, '--rate-limit'),
 } as const;

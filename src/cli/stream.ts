@@ -1,13 +1,16 @@
-/** `vdisk stream`: pull everything an image still takes from its backing chain into it. */
+/** `vdisk stream`: pull everything an image still takes from its backing chain into it, as a job. */
 import fs from 'node:fs/promises';
 import type { Argv } from 'yargs';
 import { openImage } from '../block/open.js';
 import { connectControl } from '../export/control.js';
-import { streamImage, type StreamProgress, type StreamResult } from '../jobs/stream.js';
+import { JobRunner } from '../jobs/runner.js';
+import { startStream, type StreamProgress, type StreamResult } from '../jobs/stream.js';
 import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { displayName } from '../drivers/http/url.js';
+import { JobProgressView } from './job-output.js';
+import { OPTION_NUMBERS, coerceWith } from './numbers.js';
 import { formatSize } from './util.js';
 
 export interface StreamArgs {
@@ -16,42 +19,20 @@ export interface StreamArgs {
   progress: boolean;
   output: 'human' | 'json';
   'backing-format'?: string;
+  'rate-limit'?: number;
 }
 
 export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs & ConfineArgs> {
   return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'a qcow2 image with a backing file (mounted or not)' })
     .option('drop-backing', { type: 'boolean', default: false, describe: 'when complete, remove the backing link so the image stands alone' })
-    .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar and the rate' })
+    .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar and the rate (with --output json: progress event lines on stderr)' })
+    .option('rate-limit', { type: 'string', coerce: coerceWith('--rate-limit', OPTION_NUMBERS.rateLimit), describe: 'copy at most this many bytes per second (e.g. 20M); 0: no limit' })
     .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
-    .epilogue('Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job.') as unknown as Argv<StreamArgs & HttpArgs & ConfineArgs>;
-}
-
-/** At most this often a new progress line (without a terminal, each one is a line of output). */
-const PROGRESS_INTERVAL_MS = 200;
-
-class ProgressBar {
-  private readonly started = Date.now();
-  private readonly enabled: boolean;
-  private last = 0;
-  constructor(enabled: boolean) {
-    this.enabled = enabled;
-  }
-  update(p: StreamProgress): void {
-    if (!this.enabled) return;
-    if (Date.now() - this.last < PROGRESS_INTERVAL_MS && p.done < p.total) return;
-    this.last = Date.now();
-    const pct = p.total ? (100 * p.done) / p.total : 100;
-    const secs = Math.max(0.001, (Date.now() - this.started) / 1000);
-    const width = 30;
-    const filled = Math.round((pct / 100) * width);
-    const line = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${pct.toFixed(1).padStart(5)}%  ${formatSize(p.done)} of ${formatSize(p.total)}  copied ${formatSize(p.copied)}  ${formatSize(p.copied / secs)}/s`;
-    process.stderr.write(process.stderr.isTTY ? `\r${line}` : `${line}\n`);
-  }
-  end(): void {
-    if (this.enabled && process.stderr.isTTY) process.stderr.write('\n');
-  }
+    .epilogue(
+      'Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job: `vdisk jobs` lists it, `vdisk job pause|resume|cancel ID` acts on it.',
+    ) as unknown as Argv<StreamArgs & HttpArgs & ConfineArgs>;
 }
 
 function report(args: StreamArgs, r: StreamResult): void {
@@ -65,8 +46,12 @@ function report(args: StreamArgs, r: StreamResult): void {
   if (r.interrupted) process.exitCode = 130;
 }
 
+function viewProgress(p: StreamProgress): { current: number; total: number; copied: number } {
+  return { current: p.done, total: p.total, copied: p.copied };
+}
+
 /** Ask the mount process that holds the image to run the job; null if nobody serves it. */
-async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBar): Promise<StreamResult | null> {
+async function viaMount(args: StreamArgs, imageRealPath: string, view: JobProgressView): Promise<StreamResult | null> {
   const sock = await connectControl(imageRealPath);
   if (!sock) return null;
   // Closing the connection is what stops the job in the mount process.
@@ -78,7 +63,7 @@ async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBa
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    sock.write(`${JSON.stringify({ op: 'stream', dropBacking: args['drop-backing'] })}\n`);
+    sock.write(`${JSON.stringify({ op: 'stream', dropBacking: args['drop-backing'], rateLimit: args['rate-limit'] ?? 0 })}\n`);
     let buf = '';
     let result: StreamResult | null = null;
     let error: { code: string; message: string } | null = null;
@@ -89,7 +74,8 @@ async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBa
         for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
           const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: string; message: string };
           buf = buf.slice(nl + 1);
-          if (msg.type === 'progress') bar.update((last = msg));
+          if (msg.type === 'job') view.id = (msg as unknown as { id: string }).id;
+          else if (msg.type === 'progress') view.update(viewProgress((last = msg)));
           else if (msg.type === 'done') result = msg;
           else if (msg.type === 'error') error = msg;
         }
@@ -100,11 +86,17 @@ async function viaMount(args: StreamArgs, imageRealPath: string, bar: ProgressBa
     // Any code the mount reports (it may be a system one, not in our table) is passed on as it is.
     if (error) throw Object.assign(new Error(error.message), { code: error.code });
     // The connection closed without an answer: we were interrupted.
-    return result ?? { ...last, droppedBacking: false, interrupted: true };
+    return result ? pick(result) : { ...pick(last), droppedBacking: false, interrupted: true };
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
+}
+
+/** The result's own fields: a message from the mount carries its `type` too. */
+function pick<T extends StreamProgress>(r: T): StreamResult {
+  const x = r as Partial<StreamResult>;
+  return { done: r.done, total: r.total, copied: r.copied, droppedBacking: x.droppedBacking ?? false, interrupted: x.interrupted ?? true };
 }
 
 export async function runStream(args: StreamArgs & HttpArgs & ConfineArgs): Promise<void> {
@@ -115,21 +107,30 @@ export async function runStream(args: StreamArgs & HttpArgs & ConfineArgs): Prom
   } catch {
     throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${displayName(args.image)}`);
   }
-  const bar = new ProgressBar(args.progress);
-  const remote = await viaMount(args, real, bar);
+  const view = new JobProgressView(args.progress, args.output);
+  const remote = await viaMount(args, real, view);
   if (remote) {
-    bar.end();
+    view.end();
     return report(args, remote);
   }
+  // Not mounted: the same job, run by this process.
   const top = await openImage(args.image, { ...imageOpenOptions(args), ...confine, format: 'qcow2', copyOnRead: false });
-  const abort = new AbortController();
-  const onSignal = () => abort.abort();
+  const runner = new JobRunner();
+  let job: ReturnType<typeof startStream> | null = null;
+  // A signal after the end (while closing) has nothing left to cancel.
+  const onSignal = () => {
+    if (job && job.state !== 'concluded') job.cancel();
+  };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const r = await streamImage(top, { dropBacking: args['drop-backing'], signal: abort.signal, onProgress: (p) => bar.update(p) });
-    bar.end();
-    report(args, r);
+    job = startStream(runner, top, { dropBacking: args['drop-backing'], rateLimit: args['rate-limit'] ?? 0 });
+    view.id = job.id;
+    job.events.on('progress', (info) => view.update(info.progress));
+    await job.concluded;
+    view.end();
+    if (!job.result) throw job.failure;
+    report(args, job.result);
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);

@@ -1,16 +1,21 @@
 /**
  * A mount's control socket: other vdisk commands ask the process that has an
- * image open to run jobs on it (the image is locked against second writers).
- * Newline-delimited JSON; the socket lives in a runtime directory only the
- * user can write (private-dir.ts), keyed by the image's real path, and a
- * client trusts only a server of its own user or root (SO_PEERCRED).
+ * image open to run jobs on it (the image is locked against second writers),
+ * list its jobs and pause, resume, cancel or complete them. Newline-delimited
+ * JSON, one request per connection (below); the socket lives in a runtime
+ * directory only the user can write (private-dir.ts), under two names: one
+ * keyed by the image's real path, one by the mountpoint's (as mountinfo shows
+ * it), so a command may name either. A client trusts only a server of its own
+ * user or root (SO_PEERCRED).
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { BlockNode } from '../block/node.js';
-import { streamImage } from '../jobs/stream.js';
+import { JobRunner } from '../jobs/runner.js';
+import { JOB_ACTIONS, type JobAction } from '../jobs/job.js';
+import { startStream, streamProgressOf } from '../jobs/stream.js';
 import { VdiskError, codeOf } from '../errors.js';
 import { native } from '../native.js';
 import { ensurePrivateDir } from './private-dir.js';
@@ -36,14 +41,19 @@ export function controlSocketPath(imageRealPath: string, dir = controlDir()): st
 }
 
 /**
- * Connect to the mount serving an image, or null when none does. The answer
- * of a server run by another user is never trusted: she could have put her
- * socket where ours should be, and answer "done" to a stream never run.
+ * Connect to the mount serving an image (or a mountpoint: the key is either
+ * real path), or null when none does. The answer of a server run by another
+ * user is never trusted: she could have put her socket where ours should be,
+ * and answer "done" to a stream never run.
  */
-export async function connectControl(imageRealPath: string): Promise<net.Socket | null> {
+export async function connectControl(realPath: string): Promise<net.Socket | null> {
   const dir = controlDir();
   if (!(await ensurePrivateDir(dir, { create: false }))) return null;
-  const socketPath = controlSocketPath(imageRealPath, dir);
+  return connectSocket(controlSocketPath(realPath, dir));
+}
+
+/** Connect to one socket of the (already checked) control directory; null when nobody listens there. */
+export async function connectSocket(socketPath: string): Promise<net.Socket | null> {
   const sock = await new Promise<net.Socket | null>((resolve) => {
     const s = net.connect(socketPath);
     s.once('connect', () => resolve(s));
@@ -62,31 +72,51 @@ export async function connectControl(imageRealPath: string): Promise<net.Socket 
   return sock;
 }
 
-export interface ControlRequest {
-  op: 'stream';
-  dropBacking?: boolean;
-}
+/**
+ * The requests. `stream` keeps its connection: progress lines, then `done`
+ * (the result) or `error`; the client closing the connection cancels the job
+ * (Ctrl-C on `vdisk stream`). The others get one answer and the end.
+ *   {op:'stream', dropBacking?, rateLimit?} -> {type:'job',id} {type:'progress',...}* {type:'done',...} | {type:'error',...}
+ *   {op:'jobs'}                             -> {type:'jobs', pid, jobs: JobInfo[]}   (pid: one mount has two socket names)
+ *   {op:'job', action, id}                  -> {type:'ok', job: JobInfo} | {type:'error',...}
+ */
+export type ControlRequest =
+  | { op: 'stream'; dropBacking?: boolean; rateLimit?: number }
+  | { op: 'jobs' }
+  | { op: 'job'; action: JobAction; id: string };
 
 export class ControlServer {
-  private readonly server: net.Server;
-  readonly path: string;
-  /** The job running, and how to stop it: closing the mount must not wait for a whole stream. */
-  private job: { abort: AbortController; done: Promise<void> } | null = null;
+  private readonly servers: net.Server[] = [];
+  /** Where it listens: the image's key first, then the mountpoint's. */
+  readonly paths: string[] = [];
+  /** The mount's jobs; closing the mount cancels them rather than waiting for a whole stream. */
+  readonly jobs = new JobRunner();
   private readonly sockets = new Set<net.Socket>();
 
-  private constructor(server: net.Server, socketPath: string) {
-    this.server = server;
-    this.path = socketPath;
+  private constructor(private readonly top: BlockNode) {}
+
+  get path(): string {
+    return this.paths[0]!;
   }
 
-  static async start(top: BlockNode, imageRealPath: string): Promise<ControlServer> {
+  /** Listen under each of `realPaths` (the image's, the mountpoint's). */
+  static async start(top: BlockNode, realPaths: string[]): Promise<ControlServer> {
     const dir = controlDir();
     await ensurePrivateDir(dir, { create: true });
-    const socketPath = controlSocketPath(imageRealPath, dir);
+    const ctl = new ControlServer(top);
+    try {
+      for (const key of new Set(realPaths)) await ctl.listen(controlSocketPath(key, dir));
+    } catch (err) {
+      await ctl.close();
+      throw err;
+    }
+    return ctl;
+  }
+
+  private async listen(socketPath: string): Promise<void> {
     fs.rmSync(socketPath, { force: true }); // a stale one: we hold the image lock, so nobody else serves it
     const server = net.createServer();
-    const ctl = new ControlServer(server, socketPath);
-    server.on('connection', (sock) => ctl.serve(top, sock));
+    server.on('connection', (sock) => this.serve(sock));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       // The socket is born 0600 (a chmod after listen would follow a symlink put in
@@ -98,72 +128,77 @@ export class ControlServer {
         process.umask(umask);
       }
     });
+    this.servers.push(server);
+    this.paths.push(socketPath);
     trace('listening on %s', socketPath);
-    return ctl;
   }
 
-  private serve(top: BlockNode, sock: net.Socket): void {
+  private serve(sock: net.Socket): void {
     let buf = '';
     const send = (msg: object) => sock.writable && sock.write(`${JSON.stringify(msg)}\n`);
+    const fail = (err: unknown) => {
+      send({ type: 'error', code: codeOf(err), message: (err as Error).message });
+      sock.end();
+    };
     sock.on('error', () => undefined);
     this.sockets.add(sock);
     sock.on('close', () => this.sockets.delete(sock));
-    sock.on('data', (d) => {
+    const onData = (d: Buffer) => {
       buf += d.toString();
       const nl = buf.indexOf('\n');
       if (nl < 0) return;
-      const line = buf.slice(0, nl);
-      buf = '';
+      sock.off('data', onData);
       let req: ControlRequest;
       try {
-        req = JSON.parse(line) as ControlRequest;
+        req = JSON.parse(buf.slice(0, nl)) as ControlRequest;
       } catch {
-        send({ type: 'error', code: 'ERR_USAGE', message: 'bad request' });
-        sock.end();
-        return;
+        return fail(new VdiskError('ERR_USAGE', 'bad request'));
       }
-      if (req.op !== 'stream') {
-        send({ type: 'error', code: 'ERR_USAGE', message: `unknown op ${String(req.op)}` });
-        sock.end();
-        return;
-      }
-      // A job whose client went away (Ctrl-C) is still finishing its step: the new one starts after it.
-      if (this.job && !this.job.abort.signal.aborted) {
-        send({ type: 'error', code: 'EBUSY', message: 'a stream job is already running on this image' });
-        sock.end();
-        return;
-      }
-      const stopping = this.job?.done;
-      const abort = new AbortController();
-      sock.on('close', () => abort.abort());
-      trace('stream requested dropBacking=%s', Boolean(req.dropBacking));
-      const job = { abort, done: Promise.resolve() };
-      this.job = job;
-      job.done = (async () => {
-        await stopping;
-        try {
-          if (abort.signal.aborted) return;
-          const r = await streamImage(top, { dropBacking: Boolean(req.dropBacking), signal: abort.signal, onProgress: (p) => send({ type: 'progress', ...p }) });
-          send({ type: 'done', ...r });
-        } catch (err) {
-          send({ type: 'error', code: codeOf(err), message: (err as Error).message });
-        } finally {
-          if (this.job === job) this.job = null;
-          sock.end();
+      try {
+        if (req.op === 'stream') return this.stream(req, sock, send);
+        if (req.op === 'jobs') {
+          send({ type: 'jobs', pid: process.pid, jobs: this.jobs.list() });
+          return void sock.end();
         }
-      })();
+        if (req.op === 'job') {
+          if (!JOB_ACTIONS.includes(req.action)) throw new VdiskError('ERR_USAGE', `unknown job action ${String(req.action)}`);
+          const job = this.jobs.get(String(req.id));
+          job.act(req.action);
+          send({ type: 'ok', job: job.info() });
+          return void sock.end();
+        }
+        throw new VdiskError('ERR_USAGE', `unknown op ${String((req as { op?: unknown }).op)}`);
+      } catch (err) {
+        fail(err);
+      }
+    };
+    sock.on('data', onData);
+  }
+
+  /** A stream for a client that stays connected: it sees progress and the result, and its leaving cancels the job. */
+  private stream(req: { dropBacking?: boolean; rateLimit?: number }, sock: net.Socket, send: (msg: object) => void): void {
+    const rateLimit = Number(req.rateLimit ?? 0);
+    if (!Number.isSafeInteger(rateLimit) || rateLimit < 0) throw new VdiskError('ERR_USAGE', `bad rate limit ${String(req.rateLimit)}`);
+    trace('stream requested dropBacking=%s rateLimit=%d', Boolean(req.dropBacking), rateLimit);
+    const job = startStream(this.jobs, this.top, { dropBacking: Boolean(req.dropBacking), rateLimit });
+    send({ type: 'job', id: job.id });
+    job.events.on('progress', (info) => send({ type: 'progress', ...streamProgressOf(info.progress) }));
+    sock.on('close', () => {
+      if (job.state !== 'concluded') job.cancel();
+    });
+    job.events.on('concluded', ({ info, result }) => {
+      if (result) send({ type: 'done', ...result });
+      else send({ type: 'error', code: info.error?.code ?? 'EIO', message: info.error?.message ?? 'the job failed' });
+      sock.end();
     });
   }
 
-  /** Stop a running job (it stops at a step boundary, resumable), then the server. */
+  /** Cancel the jobs (each stops at a step boundary, resumable), then stop serving. */
   async close(): Promise<void> {
-    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    if (this.job) {
-      this.job.abort.abort();
-      await this.job.done;
-    }
+    const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    await this.jobs.cancelAll();
     for (const sock of this.sockets) sock.destroy();
     await closed;
-    fs.rmSync(this.path, { force: true });
+    for (const p of this.paths) fs.rmSync(p, { force: true });
   }
 }
