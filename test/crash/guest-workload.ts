@@ -10,6 +10,7 @@
  * after that fsync; anything else (an older version, garbage) is lost or
  * corrupt fsync'd data.
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { native, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../src/native.js';
 import { rng } from '../helpers/workload.js';
@@ -210,4 +211,20 @@ export function trialCount(fallback: number): number {
   const n = Number(process.env.CRASH_TRIALS ?? fallback);
   if (!Number.isInteger(n) || n < 1) throw new Error(`CRASH_TRIALS must be a positive integer, not ${process.env.CRASH_TRIALS}`);
   return n;
+}
+
+/** What `qemu-img check` finds wrong with an image after a crash (leaks are allowed, as for QEMU); null when nothing. */
+export function qemuCheck(file: string): string | null {
+  const r = spawnSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8' });
+  let j: { corruptions?: number; 'check-errors'?: number } = {};
+  try {
+    j = JSON.parse(r.stdout) as typeof j;
+  } catch {
+    return `qemu-img check exit ${r.status}: ${r.stderr.trim()}`;
+  }
+  if ((j.corruptions ?? 0) || (j['check-errors'] ?? 0) || (r.status !== 0 && r.status !== 3)) {
+    const first = r.stderr.split('\n').find((l) => /ERROR|error/.test(l)) ?? '';
+    return `qemu-img check exit ${r.status}: ${j.corruptions ?? 0} corruptions, ${j['check-errors'] ?? 0} check errors ${first.trim()}`;
+  }
+  return null;
 }

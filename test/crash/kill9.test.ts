@@ -18,7 +18,7 @@ import { openImage } from '../../src/block/open.js';
 import { useScratchDir } from '../helpers/env.js';
 import { Mount, isMounted } from '../helpers/vdisk.js';
 import { rng } from '../helpers/workload.js';
-import { BLOCK, CONFIGS, checkBlocks, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount } from './guest-workload.js';
+import { BLOCK, CONFIGS, checkBlocks, qemuCheck, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount } from './guest-workload.js';
 
 let dir = '';
 useScratchDir({ tools: { 'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils' } }, (d) => (dir = d));
@@ -28,20 +28,6 @@ beforeAll(() => {
   makeBacking(backing);
 });
 
-function qemuCheck(file: string): string | null {
-  const r = spawnSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8' });
-  let j: { corruptions?: number; 'check-errors'?: number } = {};
-  try {
-    j = JSON.parse(r.stdout) as typeof j;
-  } catch {
-    return `qemu-img check exit ${r.status}: ${r.stderr.trim()}`;
-  }
-  if ((j.corruptions ?? 0) || (j['check-errors'] ?? 0) || (r.status !== 0 && r.status !== 3)) {
-    const first = r.stderr.split('\n').find((l) => /ERROR|error/.test(l)) ?? '';
-    return `qemu-img check exit ${r.status}: ${j.corruptions ?? 0} corruptions, ${j['check-errors'] ?? 0} check errors ${first.trim()}`;
-  }
-  return null;
-}
 
 describe('kill -9 of vdisk mount', () => {
   it("leaves a qcow2 overlay that qemu-img accepts, vdisk reopens and that holds all fsync'd data", async () => {

@@ -12,7 +12,6 @@
  *
  * CRASH_TRIALS=100 npx vitest run test/crash/power-cut.test.ts for a long run.
  */
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -24,7 +23,7 @@ import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { FuseExport } from '../../src/export/fuse-export.js';
 import { useScratchDir } from '../helpers/env.js';
 import { rng } from '../helpers/workload.js';
-import { BLOCK, CONFIGS, checkBlocks, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount, type CrashState, type GuestOp, type ImageConfig } from './guest-workload.js';
+import { BLOCK, CONFIGS, checkBlocks, qemuCheck, clusterSizeOf, makeBacking, makeOps, makeOverlay, runOp, trialCount, type CrashState, type GuestOp, type ImageConfig } from './guest-workload.js';
 import { RecordingFile, durablePrefix, replay, type LogRecord } from './recording-file.js';
 
 let dir = '';
@@ -124,20 +123,6 @@ function crashPoints(run: Run, rand: () => number): Array<{ crash: number; targe
   return [...points].sort((a, b) => a[0] - b[0]).map(([crash, targeted]) => ({ crash, targeted }));
 }
 
-function qemuCheck(file: string): string | null {
-  const r = spawnSync('qemu-img', ['check', '--output=json', file], { encoding: 'utf8' });
-  let j: { corruptions?: number; 'check-errors'?: number } = {};
-  try {
-    j = JSON.parse(r.stdout) as typeof j;
-  } catch {
-    return `qemu-img check exit ${r.status}: ${r.stderr.trim()}`;
-  }
-  if ((j.corruptions ?? 0) || (j['check-errors'] ?? 0) || (r.status !== 0 && r.status !== 3)) {
-    const first = r.stderr.split('\n').find((l) => /ERROR|error/.test(l)) ?? '';
-    return `qemu-img check exit ${r.status}: ${j.corruptions ?? 0} corruptions, ${j['check-errors'] ?? 0} check errors ${first.trim()}`;
-  }
-  return null;
-}
 
 /** qemu-img check, a reopen by vdisk and the fsync'd data of one replayed image. */
 async function verify(file: string, run: Run, st: CrashState): Promise<string[]> {
