@@ -3,82 +3,46 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Argv } from 'yargs';
-import { openImage, resolveBackingPath } from '../block/open.js';
-import { createQcow2, validateCreateOptions, type Qcow2CreateOptions } from '../drivers/qcow2/create.js';
+import { FORMAT_NAMES } from '../drivers/registry.js';
+import { openImage, resolveBackingPath } from '../drivers/chain.js';
+import { FORMATS, requireFormat } from '../drivers/registry.js';
 import { VdiskError } from '../errors.js';
 import { formatSize } from './util.js';
-import { coerceWith, parseInteger, parseSize } from './numbers.js';
+import { coerceWith, parseSize } from './numbers.js';
 import { httpFromArgs, withHttpOptions, type HttpArgs } from './http-options.js';
 import { displayName } from '../drivers/http/url.js';
 
 export interface CreateArgs {
   file: string;
   size?: number;
-  format: 'raw' | 'qcow2';
+  format: string;
   backing?: string;
   'backing-format'?: string;
   options: string[];
   force: boolean;
 }
 
+/** Formats that can record a backing file, for help and messages. */
+const BACKING_FORMATS = FORMATS.filter((f) => f.create.backing)
+  .map((f) => f.name)
+  .join(', ');
+
 export function createOptions(y: Argv): Argv<CreateArgs & HttpArgs> {
   return withHttpOptions(y)
     .positional('file', { type: 'string', demandOption: true, describe: 'image file to create' })
     .positional('size', { type: 'string', coerce: coerceWith('the size', (t) => parseSize(t, 'the size')), describe: 'virtual size: bytes, or with K/M/G/T (binary) suffix; defaults to the backing file\'s' })
-    .option('format', { alias: 'f', choices: ['raw', 'qcow2'] as const, default: 'raw' as const, describe: 'image format' })
-    .option('backing', { alias: 'b', type: 'string', describe: 'backing file (qcow2); a relative name is relative to the new image' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of the backing file, recorded in the image' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES, default: 'raw', describe: 'image format' })
+    .option('backing', { alias: 'b', type: 'string', describe: `backing file (${BACKING_FORMATS}); a relative name is relative to the new image` })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of the backing file, recorded in the image' })
     .option('options', {
       alias: 'o',
       type: 'string',
       array: true,
       nargs: 1,
       default: [],
-      describe: 'qcow2: cluster_size=64k,compat=1.1|0.10,extended_l2=on,refcount_bits=16,lazy_refcounts=on,preallocation=metadata,copy_on_read=on',
+      describe: FORMATS.flatMap((f) => (f.create.optionsHelp ? [f.create.optionsHelp] : [])).join('; '),
     })
     .option('force', { type: 'boolean', default: false, describe: 'replace an existing file' }) as unknown as Argv<CreateArgs & HttpArgs>;
-}
-
-function onOff(key: string, v: string): boolean {
-  if (['on', 'true', 'yes', '1'].includes(v)) return true;
-  if (['off', 'false', 'no', '0'].includes(v)) return false;
-  throw new VdiskError('ERR_USAGE', `-o ${key}= takes on or off, not '${v}'`);
-}
-
-export function parseQcow2Options(list: string[]): Omit<Qcow2CreateOptions, 'size'> {
-  const out: Omit<Qcow2CreateOptions, 'size'> = {};
-  for (const item of list.flatMap((s) => s.split(',')).filter(Boolean)) {
-    const [key, value = ''] = item.split('=', 2) as [string, string?];
-    switch (key) {
-      case 'cluster_size':
-        out.clusterSize = parseSize(value, '-o cluster_size=');
-        break;
-      case 'compat':
-        if (value === '0.10' || value === 'v2') out.compat = '0.10';
-        else if (value === '1.1' || value === 'v3') out.compat = '1.1';
-        else throw new VdiskError('ERR_USAGE', `-o compat= takes 0.10 or 1.1, not '${value}'`);
-        break;
-      case 'extended_l2':
-        out.extendedL2 = onOff(key, value);
-        break;
-      case 'refcount_bits':
-        out.refcountBits = parseInteger(value, '-o refcount_bits=', { min: 1, max: 64 });
-        break;
-      case 'lazy_refcounts':
-        out.lazyRefcounts = onOff(key, value);
-        break;
-      case 'copy_on_read':
-        out.copyOnRead = onOff(key, value);
-        break;
-      case 'preallocation':
-        if (value !== 'off' && value !== 'metadata') throw new VdiskError('ERR_USAGE', `-o preallocation= takes off or metadata, not '${value}'`);
-        out.preallocation = value;
-        break;
-      default:
-        throw new VdiskError('ERR_USAGE', `unknown -o option '${key}'`);
-    }
-  }
-  return out;
 }
 
 /**
@@ -133,52 +97,33 @@ function tooLarge(err: unknown, file: string, size: number): unknown {
 
 export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
   // Everything is checked before the target is touched: usage, sizes, options, the backing file.
-  if (args.format === 'raw') {
-    if (args.backing) throw new VdiskError('ERR_USAGE', 'raw images have no backing file (use -f qcow2)');
-    if (args.options.length) throw new VdiskError('ERR_USAGE', 'raw images take no -o options');
-    if (args.size === undefined) throw new VdiskError('ERR_USAGE', 'a raw image needs a size');
-  }
-  const options = args.format === 'qcow2' ? parseQcow2Options(args.options) : {};
-  if (args.format === 'qcow2') validateCreateOptions({ ...options, size: args.size ?? 0 });
+  const format = requireFormat(args.format, args.file);
+  if (args.backing && !format.create.backing) throw new VdiskError('ERR_USAGE', `${format.name} images have no backing file (use -f ${BACKING_FORMATS})`);
+  if (!format.create.backing && args.size === undefined) throw new VdiskError('ERR_USAGE', `a ${format.name} image needs a size`);
+  const options = format.create.parseOptions(args.options, args.size ?? 0);
   if (!args.force && (await exists(args.file))) throw existsError(args.file);
-  if (args.format === 'raw') {
-    const size = args.size!;
-    await createAtomically(args.file, args.force, async (tmp) => {
-      const fh = await fs.open(tmp, 'wx');
-      try {
-        await fh.truncate(size).catch((err: unknown) => {
-          throw tooLarge(err, args.file, size);
-        });
-      } finally {
-        await fh.close();
-      }
-    });
-    process.stdout.write(`Formatting '${args.file}', fmt=raw size=${size} (${formatSize(size)})\n`);
-    return;
-  }
   let size = args.size;
+  let backing: { name: string; format: string } | null = null;
   if (args.backing) {
     // The backing file must open (with the format we record) and gives the default size.
-    const backing = await openImage(resolveBackingPath(args.file, args.backing), {
+    const node = await openImage(resolveBackingPath(args.file, args.backing), {
       readOnly: true,
       http: httpFromArgs(args),
       ...(args['backing-format'] ? { format: args['backing-format'] } : {}),
     });
-    const format = args['backing-format'] ?? backing.driver.formatName;
-    size ??= backing.size();
-    await backing.close();
-    options.backingFile = args.backing;
-    options.backingFormat = format;
+    backing = { name: args.backing, format: args['backing-format'] ?? node.driver.formatName };
+    size ??= node.size();
+    await node.close();
   }
   if (size === undefined) throw new VdiskError('ERR_USAGE', 'a size is needed (or a backing file to take it from)');
-  const qcowSize = size;
+  const imageSize = size;
   await createAtomically(args.file, args.force, async (tmp) => {
-    await createQcow2(tmp, { ...options, size: qcowSize }, false).catch((err: unknown) => {
-      throw tooLarge(err, args.file, qcowSize);
+    await format.create.create(tmp, imageSize, options, backing).catch((err: unknown) => {
+      throw tooLarge(err, args.file, imageSize);
     });
   });
-  const b = args.backing ? ` backing_file=${displayName(args.backing)} backing_fmt=${options.backingFormat}` : '';
-  process.stdout.write(`Formatting '${args.file}', fmt=qcow2 size=${size} (${formatSize(size)})${b}\n`);
+  const b = backing ? ` backing_file=${displayName(backing.name)} backing_fmt=${backing.format}` : '';
+  process.stdout.write(`Formatting '${args.file}', fmt=${format.name} size=${size} (${formatSize(size)})${b}\n`);
 }
 
 async function exists(file: string): Promise<boolean> {

@@ -1,8 +1,10 @@
 /** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
+import { FORMAT_NAMES } from '../drivers/registry.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
-import { chainOf, openImage } from '../block/open.js';
+import { openImage } from '../drivers/chain.js';
+import { chainOf } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { featureNames } from '../drivers/qcow2/header.js';
@@ -20,8 +22,8 @@ export interface InfoArgs {
 export function infoOptions(y: Argv): Argv<InfoArgs & HttpArgs & ConfineArgs> {
   return withConfineOptions(withHttpOptions(y))
     .positional('file', { type: 'string', demandOption: true })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES, describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
     .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs & HttpArgs & ConfineArgs>;
 }

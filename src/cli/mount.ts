@@ -1,6 +1,8 @@
 /** `vdisk mount`: serve an image as one file until Ctrl-C or `vdisk unmount`. */
 import type { Argv } from 'yargs';
-import { chainOf, openImage } from '../block/open.js';
+import { FORMAT_NAMES } from '../drivers/registry.js';
+import { openImage } from '../drivers/chain.js';
+import { chainOf } from '../block/graph.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
@@ -77,8 +79,8 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs & ConfineArgs> 
   return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name (never probed as raw)' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES, describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name (never probed as raw)' })
     .option('l2-cache-size', { type: 'string', coerce: coerceWith('--l2-cache-size', OPTION_NUMBERS.l2CacheBytes), describe: 'qcow2: memory for cached L2 tables (default 4M)' })
     .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'refuse writes (EROFS); opens the image read-only' })
     .option('allow-other', { type: 'boolean', default: false, describe: 'let other users open the file (mode 0644 instead of 0600)' })

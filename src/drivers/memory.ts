@@ -26,7 +26,7 @@ export interface MemoryOptions {
 export class MemoryDriver implements BlockDriver {
   readonly formatName = 'memory';
   readonly limits: Partial<BlockLimits>;
-  readonly readOnly: boolean;
+  readOnly: boolean;
   private readonly bytes: number;
   private readonly chunks = new Map<number, Buffer>();
   private readonly options: MemoryOptions;
@@ -45,6 +45,10 @@ export class MemoryDriver implements BlockDriver {
 
   size(): number {
     return this.bytes;
+  }
+
+  async reopen(readOnly: boolean): Promise<void> {
+    this.readOnly = readOnly;
   }
 
   private checkAligned(op: string, offset: number, bytes: number): void {

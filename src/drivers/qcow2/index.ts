@@ -27,7 +27,7 @@
  */
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { Decompress } from 'fzstd';
-import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
+import type { BlockDriver, ChildLink, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import * as io from '../../block/io.js';
 import { iovSlice, isZero } from '../../block/iov.js';
@@ -139,7 +139,8 @@ export class Qcow2Driver implements BlockDriver {
   readonly file: BlockNode;
   readonly header: Qcow2Header;
   readonly warnings: string[] = [];
-  backing: BlockNode | null = null;
+  /** The node this driver serves: the backing link is its (graph.ts changes it), read through `backing`. */
+  private node: BlockNode | null = null;
   readonly clusterSize: number;
   readonly clusterBits: number;
   readonly extendedL2: boolean;
@@ -352,18 +353,30 @@ export class Qcow2Driver implements BlockDriver {
     await io.flush(this.file);
   }
 
-  /**
-   * Stand alone: the header stops naming a backing file, then the link goes.
-   * The caller has made sure nothing reads through any more. Returns the old
-   * backing node, for the caller to close.
-   */
-  async dropBackingFile(): Promise<BlockNode | null> {
-    this.header.backingFile = null;
-    this.header.backingFormat = null;
-    await this.writeHeader();
-    const old = this.backing;
-    this.backing = null;
-    return old;
+  attach(node: BlockNode): void {
+    this.node = node;
+  }
+
+  private get backing(): BlockNode | null {
+    return this.node?.backing ?? null;
+  }
+
+  children(): ChildLink[] {
+    return [{ role: 'file', node: this.file }];
+  }
+
+  /** The header names another backing file (null: none); the graph's link is the caller's (graph.ts changeBackingFile). */
+  async changeBackingFile(name: string | null, format: string | null): Promise<void> {
+    const { backingFile, backingFormat } = this.header;
+    this.header.backingFile = name;
+    this.header.backingFormat = name === null ? null : format;
+    try {
+      await this.writeHeader();
+    } catch (err) {
+      // A name that does not fit the header cluster leaves the image as it was.
+      Object.assign(this.header, { backingFile, backingFormat });
+      throw err;
+    }
   }
 
   size(): number {
@@ -718,8 +731,7 @@ export class Qcow2Driver implements BlockDriver {
   /** Grow the host file (sparsely) so that it reaches `end`. */
   private async coverInFile(end: number): Promise<void> {
     if (this.file.size() >= end) return;
-    const fileDriver = this.file.driver;
-    if (fileDriver.truncate) await fileDriver.truncate(end);
+    if (this.file.driver.truncate) await this.file.truncate(end);
     else await io.pwritev(this.file, end - 512, 512, [Buffer.alloc(512)]);
   }
 
@@ -1034,16 +1046,15 @@ export class Qcow2Driver implements BlockDriver {
       }
     }
     const usedEnd = await this.refcounts.usedEnd();
-    const fileDriver = this.file.driver as { truncate?: (size: number) => Promise<void> };
-    if (usedEnd < this.file.size() && fileDriver.truncate) {
-      await fileDriver.truncate(usedEnd);
+    if (usedEnd < this.file.size() && this.file.driver.truncate) {
+      await this.file.truncate(usedEnd);
       this.refcounts.truncated(usedEnd);
       trace('file shrunk to %d', usedEnd);
     }
   }
 
   async allocatedBytes(): Promise<number> {
-    return (await this.file.driver.allocatedBytes?.()) ?? this.file.size();
+    return this.file.allocatedBytes();
   }
 
   /**
