@@ -73,6 +73,15 @@ export interface FormatCreateSpec {
   create(path: string, size: number, options: Record<string, unknown>, backing: { name: string; format: string } | null): Promise<void>;
 }
 
+/** What `vdisk info` shows of an open image beyond its size (qemu-img info's fields). */
+export interface FormatDescription {
+  clusterSize?: number;
+  /** The backing file as the image records it (chain.ts resolves it). */
+  backingFile?: { name: string; format: string | null };
+  /** qemu-img's format-specific data. */
+  specific?: Record<string, unknown>;
+}
+
 export interface FormatEntry {
   /** As users write it after -f/-F/-O. */
   readonly name: string;
@@ -85,6 +94,8 @@ export interface FormatEntry {
     remote: boolean;
   };
   open(ctx: FormatOpenContext): Promise<OpenedFormat>;
+  /** What `vdisk info` shows of a driver this entry opened; absent: nothing beyond the size. */
+  describe?(driver: BlockDriver): FormatDescription;
   create: FormatCreateSpec;
 }
 

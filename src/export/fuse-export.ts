@@ -278,7 +278,7 @@ export class FuseExport {
 
   private async attrReply(req: FuseReq): Promise<Reply> {
     const size = this.node.size();
-    const allocated = (await this.node.driver.allocatedBytes?.()) ?? size;
+    const allocated = await this.node.allocatedBytes();
     const blksize = Math.max(4096, this.node.limits.requestAlignment);
     const attr = [size, Math.ceil(allocated / 512), blksize, this.mode, this.uid, this.gid, this.mtimeMs, this.mtimeMs, this.ctimeMs];
     // Timeout 0: st_blocks moves with every write and punch, and `du` must see it.
@@ -379,7 +379,7 @@ export class FuseExport {
         this.serve(req, 'statfs', async () => {
           const bsize = 4096;
           const blocks = Math.ceil(node.size() / bsize);
-          const used = Math.ceil(((await node.driver.allocatedBytes?.()) ?? node.size()) / bsize);
+          const used = Math.ceil((await node.allocatedBytes()) / bsize);
           const free = Math.max(0, blocks - used);
           return () => addon.replyStatfs(req, [bsize, blocks, free, free, 1, 0, 255]);
         }),

@@ -6,7 +6,7 @@
 import { BlockNode } from '../../block/node.js';
 import type { FormatEntry } from '../entry.js';
 import { Qcow2Driver } from './index.js';
-import { QCOW2_MAGIC } from './header.js';
+import { featureNames, QCOW2_MAGIC } from './header.js';
 import { createQcow2, validateCreateOptions, type Qcow2CreateOptions } from './create.js';
 import { parseQcow2Options, QCOW2_CREATE_HELP } from './create-options.js';
 
@@ -33,6 +33,24 @@ export const qcow2Format: FormatEntry = {
       backing: h.backingFile === null ? null : { name: h.backingFile, format: h.backingFormat },
       copyOnReadDefault: drv.copyOnReadDefault,
       warnings: drv.warnings,
+    };
+  },
+  describe(driver) {
+    const drv = driver as Qcow2Driver;
+    const h = drv.header;
+    return {
+      clusterSize: drv.clusterSize,
+      ...(h.backingFile !== null ? { backingFile: { name: h.backingFile, format: h.backingFormat } } : {}),
+      specific: {
+        compat: h.version === 2 ? '0.10' : '1.1',
+        'refcount-bits': 2 ** h.refcountOrder,
+        'extended-l2': drv.extendedL2,
+        'lazy-refcounts': featureNames(h).includes('lazy-refcounts'),
+        corrupt: featureNames(h).includes('corrupt'),
+        'compression-type': h.compressionType === 0 ? 'zlib' : 'zstd',
+        features: featureNames(h),
+        snapshots: h.nbSnapshots,
+      },
     };
   },
   create: {
