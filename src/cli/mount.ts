@@ -12,7 +12,6 @@ import { OPTION_NUMBERS, coerceWith, parseInteger, parseSize } from './numbers.j
 import fs from 'node:fs/promises';
 import { HttpDriver } from '../drivers/http/index.js';
 import { displayName } from '../drivers/http/url.js';
-import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
@@ -152,7 +151,8 @@ export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promis
 
   // Other vdisk commands (stream, jobs, job) reach this process through its control socket, named by the image or the mountpoint.
   let control: ControlServer | null = null;
-  if (image.driver instanceof Qcow2Driver && !image.readOnly) {
+  // Jobs (stream so far) need an image that can stop naming its backing file, opened writable.
+  if (image.driver.changeBackingFile && !image.readOnly) {
     control = await ControlServer.start(image, [await fs.realpath(args.image), exp.mountpoint]).catch((err: unknown) => {
       process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream and vdisk jobs cannot reach this mount\n`);
       return null;
