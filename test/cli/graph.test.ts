@@ -4,13 +4,16 @@
  * changeBackingFile rewrites the backing file a qcow2 image records (checked
  * by qemu-img) and relinks the graph. Images are made by qemu-img.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
 import { qemuImgInfo } from '../helpers/image.js';
 import { MiB, sh, vdisk } from '../helpers/vdisk.js';
 import { openImage } from '../../src/drivers/chain.js';
-import { changeBackingFile } from '../../src/block/graph.js';
+import { changeBackingFile, reopen } from '../../src/block/graph.js';
+import * as io from '../../src/block/io.js';
+import { FileDriver } from '../../src/drivers/file.js';
 import { FORMAT_NAMES } from '../../src/drivers/registry.js';
 
 let dir: string;
@@ -76,5 +79,21 @@ describe('the block graph', () => {
     const r = vdisk(['info', '-f', 'vmdk', path.join(dir, 'a.img')]);
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/Choices: "raw", "qcow2"/);
+  });
+
+  it('reopens a file node read-write (taking the writer lock) and back to read-only', async () => {
+    const file = path.join(dir, 'reopen.img');
+    ok(`head -c ${MiB} /dev/zero > ${file}`);
+    const node = await openImage(file, { format: 'raw', readOnly: true });
+    await expect(io.pwritev(node, 0, 4096, [Buffer.alloc(4096, 7)])).rejects.toMatchObject({ code: 'EROFS' });
+    await reopen(node, false);
+    // The one-writer lock is held now: a second writer is refused.
+    await expect(FileDriver.open(file)).rejects.toMatchObject({ code: 'EBUSY' });
+    await io.pwritev(node, 0, 4096, [Buffer.alloc(4096, 7)]);
+    await reopen(node, true);
+    await expect(io.pwritev(node, 0, 4096, [Buffer.alloc(4096, 8)])).rejects.toMatchObject({ code: 'EROFS' });
+    await (await FileDriver.open(file)).close();
+    await node.close();
+    expect(fs.readFileSync(file).subarray(0, 4096).every((b) => b === 7)).toBe(true);
   });
 });
