@@ -317,6 +317,17 @@ export class HttpDriver implements BlockDriver {
     return new VdiskError('ERR_HTTP_TLS', `${this.name}: TLS: ${(err as Error).message} (${code}); --ca-file FILE trusts a CA, --insecure skips the check`, { cause: err });
   }
 
+  /**
+   * Ours as they are; any other failure (a name that does not resolve, TLS
+   * spoken to a plain-http port, undici's own) as ERR_HTTP naming the image:
+   * the raw error's code is not in the error table and its message may not
+   * say which URL failed (an OpenSSL line, 'getaddrinfo ENOTFOUND host').
+   */
+  private named(what: string, err: unknown): unknown {
+    if (err instanceof VdiskError || !(err instanceof Error)) return err;
+    return new VdiskError('ERR_HTTP', `${this.name}: ${what}: ${err.message.replace(/\s+$/, '')}`, { cause: err });
+  }
+
   /** Run `attempt` with bounded retries for retryable failures. */
   private async withRetries<T>(what: string, attempt: () => Promise<T>): Promise<T> {
     const started = Date.now();
@@ -330,7 +341,7 @@ export class HttpDriver implements BlockDriver {
         const retryable =
           err instanceof RetryableError ||
           /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EAI_AGAIN|UND_ERR_SOCKET|UND_ERR_HEADERS_TIMEOUT|UND_ERR_BODY_TIMEOUT|UND_ERR_CONNECT_TIMEOUT|UND_ERR_CLOSED|ERR_SHORT_BODY)$/.test(code);
-        if (!retryable) throw this.explainTls(err) ?? err;
+        if (!retryable) throw this.explainTls(err) ?? this.named(what, err);
         // A Retry-After is sat out no longer than an answer is waited for (--http-timeout), and never over 10 s.
         const retryAfter = err instanceof RetryableError ? err.retryAfterMs : undefined;
         const wait = retryAfter === undefined ? delay : Math.min(retryAfter, this.options.timeoutMs, MAX_RETRY_AFTER_MS);
