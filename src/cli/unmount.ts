@@ -32,7 +32,9 @@ export async function runUnmount(args: UnmountArgs): Promise<void> {
   let real: string;
   try {
     real = await mountinfoPath(args.mountpoint);
-  } catch {
+  } catch (err) {
+    // Another user's symlink on the way is refused as by mount; a missing directory is simply no mount.
+    if ((err as { code?: string }).code === 'ERR_MOUNTPOINT' && /symlink/.test((err as Error).message)) throw err;
     throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} does not exist`);
   }
   const fstype = (await mountedPaths()).get(real);
