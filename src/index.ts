@@ -178,6 +178,14 @@ export async function flush(node: BlockNode): Promise<void> {
 }
 
 /**
+ * Resolves once no request is in flight on the node, counting the copies
+ * copy-on-read writes into it after a read has already been answered.
+ */
+export async function drain(node: BlockNode): Promise<void> {
+  await node.drain();
+}
+
+/**
  * Wait for requests in flight, then close the node and its backing chain
  * (a qcow2 image writes out its metadata). Flush first for writes that must
  * survive a crash of the machine.
