@@ -36,11 +36,11 @@ useScratchDir({ tools: { nginx: 'nginx-light', 'qemu-img': 'qemu-utils', 'qemu-i
  */
 function consumerLock(tarball: string): object {
   const lock = JSON.parse(fs.readFileSync(path.join(ROOT, 'package-lock.json'), 'utf8')) as { packages: Record<string, { dev?: boolean }> };
-  const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string; dependencies: Record<string, string> };
+  const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string; bin: Record<string, string>; dependencies: Record<string, string> };
   const integrity = `sha512-${createHash('sha512').update(fs.readFileSync(path.join(app, tarball))).digest('base64')}`;
   const packages: Record<string, object> = {
     '': { name: 'consumer', dependencies: { vdisk: `file:${tarball}` } },
-    'node_modules/vdisk': { version: pkg.version, resolved: `file:${tarball}`, integrity, hasInstallScript: true, dependencies: pkg.dependencies },
+    'node_modules/vdisk': { version: pkg.version, resolved: `file:${tarball}`, integrity, hasInstallScript: true, bin: pkg.bin, dependencies: pkg.dependencies },
   };
   for (const [key, entry] of Object.entries(lock.packages)) if (key !== '' && !entry.dev) packages[key] = entry;
   return { name: 'consumer', lockfileVersion: 3, requires: true, packages };
@@ -250,8 +250,9 @@ describe('examples/api.mjs', () => {
     expect(first.copyOnRead.bytesCopied).toBeGreaterThanOrEqual(length);
     expect(first.copyOnRead.copyFailures).toBe(0);
     // Kept in the overlay: nothing more from the server, nothing more from the backing chain.
-    expect(second).toEqual(first);
-    expect(nginx.bodyBytesSent()).toBe(first.http.bytesFetched);
+    // (bytesFetched may still grow: readahead answers already asked for keep streaming in.)
+    expect(second.copyOnRead).toEqual(first.copyOnRead);
+    expect(second.http.requests).toBe(first.http.requests);
   });
 
   it('a URL that is not there: one line with a code, exit status 1', async () => {
