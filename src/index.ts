@@ -133,6 +133,7 @@ export async function write(node: BlockNode, offset: number, data: Buffer | Buff
   await io.pwritev(node, offset, byteLength(iov), iov);
 }
 
+/** Options of writeZeroes(). */
 export interface WriteZeroesOptions {
   /** The node may free the space (the range still reads as zero, whatever the backing chain holds). */
   mayUnmap?: boolean;
@@ -152,6 +153,7 @@ export async function discard(node: BlockNode, offset: number, length: number): 
   await io.pdiscard(node, offset, length);
 }
 
+/** Options of blockStatus(). */
 export interface BlockStatusOptions {
   /**
    * true (the default): what the chain from this node down makes of the range
@@ -241,6 +243,7 @@ export async function mount(node: BlockNode, mountpoint: string, options: Omit<E
 /** The runner jobs go to when no other is given: one per process. */
 export const jobs = new JobRunner();
 
+/** Options of stream(). */
 export interface StreamJobOptions {
   /** When done, drop the backing file from the image's header (and close the chain below). */
   dropBacking?: boolean;
