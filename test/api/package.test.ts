@@ -74,7 +74,7 @@ describe('the installed package', () => {
     expect(v.stdout).toMatch(/mount/);
   });
 
-  it("an ESM script imports 'vdisk' by name: creates a qcow2 over a raw file, writes, zeroes, reads and mounts it; qemu-img agrees", async () => {
+  it("an ESM script imports 'vdisk' by name: creates a qcow2 over a raw file, writes, zeroes, reads, mounts and streams; qemu-img agrees", async () => {
     const work = path.join(dir, 'esm');
     fs.mkdirSync(work);
     const script = path.join(app, 'use-api.mjs');
@@ -83,7 +83,7 @@ describe('the installed package', () => {
       `import { promisify } from 'node:util';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import { VdiskError, IMAGE_FORMATS, blockStatus, close, createImage, flush, mount, openImage, read, write, writeZeroes } from 'vdisk';
+import { VdiskError, IMAGE_FORMATS, blockStatus, close, createImage, flush, mount, openImage, read, stream, write, writeZeroes } from 'vdisk';
 const MiB = 1024 * 1024;
 const dir = process.argv[2];
 const out = { formats: IMAGE_FORMATS };
@@ -118,6 +118,13 @@ const exp = await mount(disk, mnt, { readOnly: true });
 await promisify(execFile)('dd', ['if=' + mnt, 'of=' + dir + '/mounted.raw', 'bs=1M', 'status=none']);
 await exp.stop();
 await close(disk);
+// A job: stream a second overlay until it stands alone.
+await createImage(dir + '/alone.qcow2', { format: 'qcow2', backingFile: 'base.raw', backingFormat: 'raw' });
+const alone = await openImage(dir + '/alone.qcow2');
+const job = stream(alone, { dropBacking: true });
+await job.concluded;
+out.job = { type: job.info().type, state: job.info().state, status: job.info().status, droppedBacking: job.result?.droppedBacking };
+await close(alone);
 console.log(JSON.stringify(out));
 `,
     );
@@ -136,6 +143,8 @@ console.log(JSON.stringify(out));
     expect(out['missing']).toEqual({ isVdiskError: true, code: 'ERR_IMAGE_NOT_FOUND' });
     expect(fs.readFileSync(path.join(work, 'mounted.raw')).equals(expected)).toBe(true);
 
+    expect(out['job']).toEqual({ type: 'stream', state: 'concluded', status: 'completed', droppedBacking: true });
+
     // What qemu makes of the images the API wrote.
     const top = path.join(work, 'top.qcow2');
     expectQemuClean(top);
@@ -148,6 +157,12 @@ console.log(JSON.stringify(out));
     // The zeroed stretch is zero clusters in the overlay, not data and not the backing file's.
     const zeroed = qemuImgMap(top).filter((e) => e.start < 3 * MiB && e.start + e.length > 2 * MiB);
     expect(zeroed.every((e) => e.zero && !e.data && e.depth === 0)).toBe(true);
+    // The streamed overlay: no backing file any more, and the base's contents.
+    const alone = path.join(work, 'alone.qcow2');
+    expectQemuClean(alone);
+    expect(qemuImg(`info ${alone}`)).not.toMatch(/backing file/);
+    qemuImg(`convert -f qcow2 -O raw ${alone} ${path.join(work, 'alone.raw')}`);
+    expect(fs.readFileSync(path.join(work, 'alone.raw')).equals(Buffer.alloc(4 * MiB, 0x11))).toBe(true);
   });
 
   it('a .ts file typechecks against the shipped typings, and wrong calls do not', () => {
