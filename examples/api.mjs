@@ -19,6 +19,18 @@ if (!url) {
   process.exit(2);
 }
 
+/** The URL without user:password, which have no place in output. */
+function shown(text) {
+  try {
+    const u = new URL(text);
+    u.username = '';
+    u.password = '';
+    return u.href;
+  } catch {
+    return text;
+  }
+}
+
 const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vdisk-api-'));
 try {
   // The overlay records the URL and its format (a remote image is never probed).
@@ -28,7 +40,7 @@ try {
   try {
     const offset = Number(offsetArg);
     const length = Math.min(Number(lengthArg), made.size - offset);
-    console.log(`overlay ${overlay} on ${url} (raw, ${made.size} bytes)`);
+    console.log(`overlay ${overlay} on ${shown(url)} (raw, ${made.size} bytes)`);
 
     const data = await read(disk, offset, length);
     // Copies into the overlay may land after the read is answered: wait for them before counting.
