@@ -16,12 +16,13 @@
  * (the request layer pads them) and must lie inside the disk.
  */
 import fs from 'node:fs/promises';
-import type { BlockNode, CopyOnReadStats, DetectZeroes, DiscardMode } from './block/node.js';
+import type { BlockNode, DetectZeroes, DiscardMode } from './block/node.js';
 import * as io from './block/io.js';
 import { blockStatus as nodeStatus, blockStatusAbove, type BlockStatus } from './block/block-status.js';
 import { chainOf as nodeChain, openImage as openChain, probeFormat as probeImageFormat, SUPPORTED_FORMATS } from './block/open.js';
 import { createImage as createImageFile, type CreateImageOptions, type CreatedImage } from './create.js';
-import { HttpDriver, type HttpOptions } from './drivers/http/index.js';
+import type { HttpOptions } from './drivers/http/index.js';
+import { imageStats as chainStats, type ImageStats } from './stats.js';
 import { checkMountpoint } from './export/mountpoint.js';
 import { FuseExport, type ExportOptions } from './export/fuse-export.js';
 import { JobRunner } from './jobs/runner.js';
@@ -37,6 +38,7 @@ export type { BlockNode, CopyOnReadStats, DetectZeroes, DiscardMode } from './bl
 export type { BlockStatus } from './block/block-status.js';
 export type { HttpOptions, HttpStats } from './drivers/http/index.js';
 export type { CreateImageOptions, CreatedImage, Qcow2FormatOptions } from './create.js';
+export type { ImageStats } from './stats.js';
 export { FuseExport, type ExportOptions, type ExportStats } from './export/fuse-export.js';
 export { Job, type JobInfo, type JobState, type JobStatus, type JobProgress, type JobEvents, type JobAction } from './jobs/job.js';
 export { JobRunner } from './jobs/runner.js';
@@ -196,25 +198,9 @@ export async function close(node: BlockNode): Promise<void> {
   await node.close();
 }
 
-/** What a chain's top node has done so far, for progress lines and tests. */
-export interface ImageStats {
-  /** The top node's copy-on-read counters. */
-  copyOnRead: CopyOnReadStats;
-  /** Summed over every http(s) node of the chain. */
-  http: { requests: number; bytesFetched: number; retries: number };
-}
-
-/** Counters of an open chain (a copy: later requests do not change it). */
+/** Counters of an open chain (a copy): copy-on-read on the top node, and what its http(s) nodes fetched. */
 export function imageStats(top: BlockNode): ImageStats {
-  const http = { requests: 0, bytesFetched: 0, retries: 0 };
-  for (const n of nodeChain(top)) {
-    if (n.driver instanceof HttpDriver) {
-      http.requests += n.driver.stats.requests;
-      http.bytesFetched += n.driver.stats.bytesFetched;
-      http.retries += n.driver.stats.retries;
-    }
-  }
-  return { copyOnRead: { ...top.corStats }, http };
+  return chainStats(top);
 }
 
 function byteLength(iov: readonly Buffer[]): number {
