@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { useScratchDir } from '../helpers/env.js';
 import { expectQemuClean, qemuImg, qemuImgMap } from '../helpers/image.js';
 import { Nginx } from '../helpers/nginx.js';
-import { MiB, sh, shAsync } from '../helpers/vdisk.js';
+import { MiB, isMounted, sh, shAsync } from '../helpers/vdisk.js';
 import { seededData } from '../helpers/workload.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -129,6 +129,9 @@ console.log(JSON.stringify(out));
 `,
     );
     const r = await shAsync(`cd ${app} && node use-api.mjs ${work}`);
+    // A script that died while mounted leaves a dead mount: take it away before the scratch directory goes.
+    const mnt = path.join(work, 'disk.mnt');
+    if (isMounted(mnt)) sh(`umount -l ${mnt}`);
     expect(r.status, r.stderr).toBe(0);
     const out = JSON.parse(r.stdout) as Record<string, unknown> & { read: string };
 
