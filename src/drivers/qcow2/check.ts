@@ -87,6 +87,12 @@ export class Counts {
   }
 }
 
+/**
+ * The most check reads whole of a snapshot table, bitmap directory or bitmap
+ * table: a hostile header cannot make it allocate more.
+ */
+const MAX_TABLE_READ_BYTES = 64 * 1024 * 1024;
+
 /** At most this many messages are kept; a hostile image could otherwise make millions. */
 const MAX_MESSAGES = 10000;
 
@@ -171,7 +177,7 @@ async function walk(img: Qcow2State): Promise<Walk> {
 
   // Internal snapshots: their L1 tables (each distinct one read once), and everything those reach.
   if (h.nbSnapshots) {
-    const table = Buffer.alloc(Math.min(64 * 1024 * 1024, Math.max(0, img.file.size() - h.snapshotsOffset)));
+    const table = Buffer.alloc(Math.min(MAX_TABLE_READ_BYTES, Math.max(0, img.file.size() - h.snapshotsOffset)));
     await io.preadv(img.file, h.snapshotsOffset, table.length, [table]);
     const l1s = new Map<string, { offset: number; size: number; weight: number }>();
     let pos = 0;
@@ -240,7 +246,7 @@ export async function bitmapRanges(img: Qcow2State, ext: Buffer): Promise<Array<
   const dirSize = Number(ext.readBigUInt64BE(8));
   const dirOffset = Number(ext.readBigUInt64BE(16));
   const fileSize = img.file.size();
-  if (dirSize > 64 * 1024 * 1024 || dirOffset + dirSize > fileSize) return [{ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' }];
+  if (dirSize > MAX_TABLE_READ_BYTES || dirOffset + dirSize > fileSize) return [{ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' }];
   out.push({ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' });
   const dir = Buffer.alloc(dirSize);
   await io.preadv(img.file, dirOffset, dirSize, [dir]);
@@ -251,7 +257,7 @@ export async function bitmapRanges(img: Qcow2State, ext: Buffer): Promise<Array<
     const nameSize = dir.readUInt16BE(pos + 18);
     const extraSize = dir.readUInt32BE(pos + 20);
     out.push({ offset: tableOffset, bytes: tableSize * 8, what: 'bitmap table' });
-    if (tableSize * 8 <= 64 * 1024 * 1024 && tableOffset + tableSize * 8 <= fileSize) {
+    if (tableSize * 8 <= MAX_TABLE_READ_BYTES && tableOffset + tableSize * 8 <= fileSize) {
       const t = Buffer.alloc(tableSize * 8);
       await io.preadv(img.file, tableOffset, t.length, [t]);
       for (let i = 0; i < tableSize; i++) {
