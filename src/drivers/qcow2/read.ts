@@ -124,7 +124,7 @@ async function decompress(s: Qcow2State, e: L2Entry): Promise<Buffer> {
   try {
     data = s.header.compressionType === 1 ? zstdCluster(raw, s.clusterSize) : inflateRawSync(raw, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: s.clusterSize });
   } catch (err) {
-    throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} does not decompress: ${(err as Error).message}`);
+    throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} does not decompress: ${(err as Error).message}`, { cause: err });
   }
   if (data.length !== s.clusterSize) {
     throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: compressed cluster at ${e.compressedOffset} inflates to ${data.length} bytes, not ${s.clusterSize}`);

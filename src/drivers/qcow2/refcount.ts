@@ -125,7 +125,8 @@ export class Refcounts {
   private async setExisting(cluster: number, value: number): Promise<void> {
     const t = Math.floor(cluster / this.entriesPerBlock);
     const off = this.blockOffset(t);
-    if (off === 0) throw new Error(`refcount block ${t} missing`);
+    // ensureBlock ran first: a missing block here is a bug of ours, reported like any EIO.
+    if (off === 0) throw new VdiskError('EIO', `qcow2: refcount block ${t} missing (ensureBlock was not called)`);
     const block = await this.cache.get(off);
     this.writeEntry(block, cluster % this.entriesPerBlock, value);
     this.cache.markDirty(off, block);
