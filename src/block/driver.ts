@@ -67,6 +67,13 @@ export interface BlockDriver {
    * discard, are serialised with overlapping requests at this granularity.
    */
   readonly allocationAlignment?: number;
+  /**
+   * What a discarded range reads as afterwards: 'zero' (a punched host file),
+   * 'unallocated' (it reads through to the backing node, zero without one).
+   * Absent: undefined contents. The request layer decides from this whether a
+   * discard can stand in for write-zeroes (io.discardLeavesZeroes).
+   */
+  readonly discardLeaves?: 'zero' | 'unallocated';
   /** Cheap, conservative: may a write to this range allocate (true when unsure)? */
   mayAllocate?(offset: number, bytes: number): boolean;
 

@@ -52,7 +52,7 @@ import { TableCache } from './table-cache.js';
 import { Mutex } from './mutex.js';
 import { bitmapRanges, repairImage } from './check.js';
 import { loadMetadataRanges, MetadataRanges } from './metadata-ranges.js';
-import { blockStatusAbove } from '../../block/block-status.js';
+import { chainReadsZero } from '../../block/block-status.js';
 
 const trace = tracer('qcow2');
 /**
@@ -146,6 +146,7 @@ export class Qcow2Driver implements BlockDriver {
   readonly subclusterSize: number;
   readonly l2Entries: number;
   readonly allocationAlignment: number;
+  readonly discardLeaves = 'unallocated';
   private ro: boolean;
   private l1: Buffer;
   private l1Dirty = false;
@@ -496,12 +497,9 @@ export class Qcow2Driver implements BlockDriver {
     }
   }
 
-  /** Read from the backing node; what lies past its end reads as zero. */
-  async readBacking(offset: number, bytes: number, dst: Buffer[]): Promise<void> {
-    const backing = this.backing;
-    const avail = backing ? Math.max(0, Math.min(bytes, backing.size() - offset)) : 0;
-    if (avail > 0) await io.preadv(backing!, offset, avail, iovSlice(dst, 0, avail));
-    if (avail < bytes) for (const b of iovSlice(dst, avail, bytes - avail)) b.fill(0);
+  /** Read from the backing node (the request layer zeroes what lies past its end). */
+  readBacking(offset: number, bytes: number, dst: Buffer[]): Promise<void> {
+    return io.readBacking(this.backing, offset, bytes, dst);
   }
 
   private async decompress(e: L2Entry): Promise<Buffer> {
@@ -837,31 +835,10 @@ export class Qcow2Driver implements BlockDriver {
   private async zeroInCluster(cluster: number, offset: number, bytes: number, mayUnmap: boolean, unit: number): Promise<void> {
     const base = cluster * this.clusterSize;
     const old = (await this.entryFor(cluster)) ?? UNALLOCATED;
-    // Widen to whole units when the rest of those units already reads as zero.
-    let from = offset - base;
+    // The request layer hands whole units only (pwriteZeroesAlignment); the last one may end at the end of the image.
+    const from = offset - base;
     let to = from + bytes;
-    if (from % unit || to % unit) {
-      const wFrom = Math.floor(from / unit) * unit;
-      const wTo = Math.min(this.clusterSize, Math.ceil(to / unit) * unit);
-      const probe = Buffer.alloc(wTo - wFrom);
-      await this.preadv(base + wFrom, wTo - wFrom, [probe]);
-      probe.fill(0, from - wFrom, to - wFrom);
-      if (isZero(probe)) {
-        from = wFrom;
-        to = wTo;
-      } else {
-        // Zero the partial units as data; the aligned middle (if any) as metadata.
-        const midFrom = Math.ceil(from / unit) * unit;
-        const midTo = Math.floor(to / unit) * unit;
-        const zeroData = async (a: number, b: number) => {
-          if (b > a) await this.allocatingWrite(cluster, base + a, b - a, [Buffer.alloc(b - a)]);
-        };
-        await zeroData(from, Math.min(to, midFrom));
-        if (midTo > midFrom) await this.zeroInCluster(cluster, base + midFrom, midTo - midFrom, mayUnmap, unit);
-        await zeroData(Math.max(from, midTo), to);
-        return;
-      }
-    }
+    if (offset + bytes === this.header.size) to = Math.min(this.clusterSize, Math.ceil(to / unit) * unit);
     if (this.header.version === 2) return this.zeroV2(cluster, old, from, to);
     // A whole cluster (always so without subclusters: unit = cluster) is the table-at-a-time case.
     if (from === 0 && to === this.clusterSize) {
@@ -907,21 +884,14 @@ export class Qcow2Driver implements BlockDriver {
     await this.allocatingWrite(cluster, base + from, to - from, [Buffer.alloc(to - from)]);
   }
 
-  private async backingReadsZero(offset: number, bytes: number): Promise<boolean> {
-    const b = this.backing;
-    if (!b || offset >= b.size()) return true;
-    const end = Math.min(offset + bytes, b.size());
-    for (let pos = offset; pos < end; ) {
-      const st = await blockStatusAbove(b, pos, end - pos);
-      if (!st.zero) return false;
-      pos += st.bytes;
-    }
-    return true;
+  private backingReadsZero(offset: number, bytes: number): Promise<boolean> {
+    return chainReadsZero(this.backing, offset, bytes);
   }
 
   /**
-   * Free whole clusters. Where a backing node would show through, a zero
-   * cluster (v3) keeps the range reading as zero; in v2 that cluster is left alone.
+   * Free whole clusters: they become unallocated and read through to the
+   * backing node (discardLeaves). Whether that leaves zeroes is the request
+   * layer's question (io.discardLeavesZeroes), not this driver's.
    */
   async pdiscard(offset: number, bytes: number): Promise<void> {
     this.checkWritable();
@@ -929,16 +899,8 @@ export class Qcow2Driver implements BlockDriver {
       const cluster = Math.floor(pos / this.clusterSize);
       await this.metaLock.run(async () => {
         const old = await this.entryFor(cluster);
-        if (!old) return;
-        const showsThrough = !(await this.backingReadsZero(pos, this.clusterSize));
-        if (showsThrough) {
-          if (this.header.version === 2) return;
-          if (this.extendedL2) await this.setL2Entry(cluster, { host: 0, copied: false, allocMask: 0, zeroMask: 0xffffffff });
-          else await this.setL2Entry(cluster, { host: 0, copied: false, zeroFlag: true });
-        } else {
-          if (!old.host && !old.compressed && !old.zeroFlag && !old.zeroMask) return;
-          await this.setL2Entry(cluster, { host: 0, copied: false });
-        }
+        if (!old || (!old.host && !old.compressed && !old.zeroFlag && !old.zeroMask)) return;
+        await this.setL2Entry(cluster, { host: 0, copied: false });
         this.freeOldCluster(old);
       });
     }
