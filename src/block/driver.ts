@@ -15,7 +15,11 @@ export interface BlockLimits {
   requestAlignment: number;
   /** Largest read/write handed to the driver in one call. */
   maxTransfer: number;
-  /** Preferred alignment of write-zeroes (e.g. the cluster size). */
+  /**
+   * The write-zeroes unit (e.g. the cluster or subcluster size). The request
+   * layer hands the driver whole units only (the last one may end at the end
+   * of the node); partial units follow its rule (block/write-zeroes.ts).
+   */
   pwriteZeroesAlignment: number;
   /** Largest single write-zeroes call. */
   maxPwriteZeroes: number;
