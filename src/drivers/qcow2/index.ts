@@ -62,6 +62,7 @@ export class Qcow2Driver implements BlockDriver {
   readonly formatName = 'qcow2';
   readonly limits;
   readonly allocationAlignment: number;
+  readonly discardLeaves = 'unallocated';
   private readonly s: Qcow2State;
 
   private constructor(s: Qcow2State) {

@@ -106,12 +106,9 @@ async function readPiece(s: Qcow2State, p: Piece, guestOffset: number, dst: Buff
   }
 }
 
-/** Read from the backing node; what lies past its end reads as zero. */
-export async function readBacking(s: Qcow2State, offset: number, bytes: number, dst: Buffer[]): Promise<void> {
-  const backing = s.backing;
-  const avail = backing ? Math.max(0, Math.min(bytes, backing.size() - offset)) : 0;
-  if (avail > 0) await io.preadv(backing!, offset, avail, iovSlice(dst, 0, avail));
-  if (avail < bytes) for (const b of iovSlice(dst, avail, bytes - avail)) b.fill(0);
+/** Read from the backing node (the request layer zeroes what lies past its end). */
+export function readBacking(s: Qcow2State, offset: number, bytes: number, dst: Buffer[]): Promise<void> {
+  return io.readBacking(s.backing, offset, bytes, dst);
 }
 
 async function decompress(s: Qcow2State, e: L2Entry): Promise<Buffer> {

@@ -3,8 +3,7 @@
  * instead of written zeroes, freed host clusters where nothing below shows through.
  */
 import type { ZeroFlags } from '../../block/driver.js';
-import { blockStatusAbove } from '../../block/block-status.js';
-import { isZero } from '../../block/iov.js';
+import { chainReadsZero } from '../../block/block-status.js';
 import { notSupported } from '../../errors.js';
 import { readL2Entry, writeL2Entry, type L2Entry } from './l2-entry.js';
 import { checkEntry, entryFor, UNALLOCATED } from './cluster-map.js';
@@ -67,31 +66,10 @@ async function zeroWholeClusters(s: Qcow2State, first: number, max: number, mayU
 async function zeroInCluster(s: Qcow2State, cluster: number, offset: number, bytes: number, mayUnmap: boolean, unit: number): Promise<void> {
   const base = cluster * s.clusterSize;
   const old = (await entryFor(s, cluster)) ?? UNALLOCATED;
-  // Widen to whole units when the rest of those units already reads as zero.
-  let from = offset - base;
+  // The request layer hands whole units only (pwriteZeroesAlignment); the last one may end at the end of the image.
+  const from = offset - base;
   let to = from + bytes;
-  if (from % unit || to % unit) {
-    const wFrom = Math.floor(from / unit) * unit;
-    const wTo = Math.min(s.clusterSize, Math.ceil(to / unit) * unit);
-    const probe = Buffer.alloc(wTo - wFrom);
-    await preadv(s, base + wFrom, wTo - wFrom, [probe]);
-    probe.fill(0, from - wFrom, to - wFrom);
-    if (isZero(probe)) {
-      from = wFrom;
-      to = wTo;
-    } else {
-      // Zero the partial units as data; the aligned middle (if any) as metadata.
-      const midFrom = Math.ceil(from / unit) * unit;
-      const midTo = Math.floor(to / unit) * unit;
-      const zeroData = async (a: number, b: number) => {
-        if (b > a) await allocatingWrite(s, cluster, base + a, b - a, [Buffer.alloc(b - a)]);
-      };
-      await zeroData(from, Math.min(to, midFrom));
-      if (midTo > midFrom) await zeroInCluster(s, cluster, base + midFrom, midTo - midFrom, mayUnmap, unit);
-      await zeroData(Math.max(from, midTo), to);
-      return;
-    }
-  }
+  if (offset + bytes === s.header.size) to = Math.min(s.clusterSize, Math.ceil(to / unit) * unit);
   if (s.header.version === 2) return zeroV2(s, cluster, old, from, to);
   // A whole cluster (always so without subclusters: unit = cluster) is the table-at-a-time case.
   if (from === 0 && to === s.clusterSize) {
@@ -137,21 +115,14 @@ async function zeroV2(s: Qcow2State, cluster: number, old: L2Entry, from: number
   await allocatingWrite(s, cluster, base + from, to - from, [Buffer.alloc(to - from)]);
 }
 
-async function backingReadsZero(s: Qcow2State, offset: number, bytes: number): Promise<boolean> {
-  const b = s.backing;
-  if (!b || offset >= b.size()) return true;
-  const end = Math.min(offset + bytes, b.size());
-  for (let pos = offset; pos < end; ) {
-    const st = await blockStatusAbove(b, pos, end - pos);
-    if (!st.zero) return false;
-    pos += st.bytes;
-  }
-  return true;
+function backingReadsZero(s: Qcow2State, offset: number, bytes: number): Promise<boolean> {
+  return chainReadsZero(s.backing, offset, bytes);
 }
 
 /**
- * Free whole clusters. Where a backing node would show through, a zero
- * cluster (v3) keeps the range reading as zero; in v2 that cluster is left alone.
+ * Free whole clusters: they become unallocated and read through to the
+ * backing node (discardLeaves). Whether that leaves zeroes is the request
+ * layer's question (io.discardLeavesZeroes), not this driver's.
  */
 export async function pdiscard(s: Qcow2State, offset: number, bytes: number): Promise<void> {
   s.checkWritable();
@@ -159,16 +130,8 @@ export async function pdiscard(s: Qcow2State, offset: number, bytes: number): Pr
     const cluster = Math.floor(pos / s.clusterSize);
     await s.metaLock.run(async () => {
       const old = await entryFor(s, cluster);
-      if (!old) return;
-      const showsThrough = !(await backingReadsZero(s, pos, s.clusterSize));
-      if (showsThrough) {
-        if (s.header.version === 2) return;
-        if (s.extendedL2) await setL2Entry(s, cluster, { host: 0, copied: false, allocMask: 0, zeroMask: 0xffffffff });
-        else await setL2Entry(s, cluster, { host: 0, copied: false, zeroFlag: true });
-      } else {
-        if (!old.host && !old.compressed && !old.zeroFlag && !old.zeroMask) return;
-        await setL2Entry(s, cluster, { host: 0, copied: false });
-      }
+      if (!old || (!old.host && !old.compressed && !old.zeroFlag && !old.zeroMask)) return;
+      await setL2Entry(s, cluster, { host: 0, copied: false });
       freeOldCluster(s, old);
     });
   }
