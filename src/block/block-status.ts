@@ -4,6 +4,7 @@
  * Feeds SEEK_DATA/SEEK_HOLE, `vdisk map`, and later copy-on-read and stream.
  */
 import type { BlockNode } from './node.js';
+import { bytesInside } from './past-end.js';
 import { VdiskError } from '../errors.js';
 import { tracer } from '../trace.js';
 
@@ -55,20 +56,36 @@ export async function blockStatus(node: BlockNode, offset: number, bytes: number
 
 /**
  * Status above the chain from `top` down to (not including) `base`: the first
- * node that defines the range answers. A range nothing defines reads as zero,
- * and so does a range past the end of a shorter backing node.
+ * node that defines the range answers. A range nothing defines reads as zero.
  */
 export async function blockStatusAbove(top: BlockNode, offset: number, bytes: number, base: BlockNode | null = null): Promise<BlockStatus> {
-  let node: BlockNode = top;
-  for (;;) {
-    const st = await blockStatus(node, offset, bytes);
+  const st = await blockStatus(top, offset, bytes);
+  return st.allocated ? st : blockStatusBelow(top, offset, st.bytes, base);
+}
+
+/**
+ * What shows through where `node` defines nothing: the status of its backing
+ * chain down to (not including) `base`. Past the end of a shorter backing node
+ * the range reads as zero (past-end.ts).
+ */
+export async function blockStatusBelow(node: BlockNode, offset: number, bytes: number, base: BlockNode | null = null): Promise<BlockStatus> {
+  for (let below = node.backing; below && below !== base; below = below.backing) {
+    const inside = bytesInside(below, offset, bytes);
+    if (inside === 0) break;
+    const st = await blockStatus(below, offset, inside);
     if (st.allocated) return st;
     bytes = st.bytes;
-    const backing = node.backing;
-    if (!backing || backing === base || offset >= backing.size()) {
-      return { bytes, allocated: false, zero: true, data: false, node: null };
-    }
-    bytes = Math.min(bytes, backing.size() - offset);
-    node = backing;
   }
+  return { bytes, allocated: false, zero: true, data: false, node: null };
+}
+
+/** Does [offset, offset+bytes) read as zero from the chain `top` (null: nothing, zero)? Past its end it does. */
+export async function chainReadsZero(top: BlockNode | null, offset: number, bytes: number): Promise<boolean> {
+  const end = offset + Math.max(0, bytesInside(top, offset, bytes));
+  for (let pos = offset; pos < end; ) {
+    const st = await blockStatusAbove(top!, pos, end - pos);
+    if (!st.zero) return false;
+    pos += st.bytes;
+  }
+  return true;
 }

@@ -15,7 +15,11 @@ export interface BlockLimits {
   requestAlignment: number;
   /** Largest read/write handed to the driver in one call. */
   maxTransfer: number;
-  /** Preferred alignment of write-zeroes (e.g. the cluster size). */
+  /**
+   * The write-zeroes unit (e.g. the cluster or subcluster size). The request
+   * layer hands the driver whole units only (the last one may end at the end
+   * of the node); partial units follow its rule (block/write-zeroes.ts).
+   */
   pwriteZeroesAlignment: number;
   /** Largest single write-zeroes call. */
   maxPwriteZeroes: number;
@@ -75,6 +79,13 @@ export interface BlockDriver {
    * discard, are serialised with overlapping requests at this granularity.
    */
   readonly allocationAlignment?: number;
+  /**
+   * What a discarded range reads as afterwards: 'zero' (a punched host file),
+   * 'unallocated' (it reads through to the backing node, zero without one).
+   * Absent: undefined contents. The request layer decides from this whether a
+   * discard can stand in for write-zeroes (io.discardLeavesZeroes).
+   */
+  readonly discardLeaves?: 'zero' | 'unallocated';
   /** Cheap, conservative: may a write to this range allocate (true when unsure)? */
   mayAllocate?(offset: number, bytes: number): boolean;
 

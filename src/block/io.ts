@@ -1,61 +1,31 @@
 /**
- * The block request path: the one place where alignment, splitting,
- * serialisation and fallbacks live, so drivers stay small (QEMU's block/io.c).
- *
- * Every public entry runs the same steps, each its own small function:
- *   validate at the edge (checkRequest) -> count in flight -> compute padding ->
- *   begin a tracked request (serialising when it rewrites bytes it was not
- *   given) -> wait for conflicting requests -> read-modify-write if padded ->
- *   aligned*() splits at the driver's limits and calls the driver -> end.
- * Only the aligned*() functions call driver methods; they trust their callers
- * (aligned, in range) and assert it.
+ * The block request path: the entry points every caller uses, so drivers stay
+ * small (QEMU's block/io.c). Each entry runs the same steps:
+ *   validate at the edge (request.ts) -> begin: count in flight and track the
+ *   range (serialising when it rewrites bytes it was not given) -> wait for
+ *   conflicting requests -> write notifiers' `before` -> read-modify-write if
+ *   padded -> the aligned adapters (aligned-io.ts) split at the driver's limits
+ *   and call the driver -> notifiers' `after` -> end.
+ * Copy-on-read lives in copy-on-read.ts, the write-zeroes rules in
+ * write-zeroes.ts, the "past the end of a shorter backing reads zero" rule in
+ * past-end.ts.
  */
-import assert from 'node:assert/strict';
 import type { ZeroFlags } from './driver.js';
-import type { BlockNode } from './node.js';
-import { blockStatus, blockStatusAbove } from './block-status.js';
-import { BufferPool } from './buffer-pool.js';
+import type { BlockNode, WriteEvent } from './node.js';
+import { copyOnReadv } from './copy-on-read.js';
+import { zeroRange, zeroUnit } from './write-zeroes.js';
+import { bytesInside } from './past-end.js';
+import { alignedPreadv, alignedPwritev, readAligned } from './aligned-io.js';
+import { beginRequest, checkIov, checkRequest, checkWritable, endRequest } from './request.js';
 import { computePadding, type Padding } from './padding.js';
-import { iovBytes, iovIsZero, iovSlice, isZero } from './iov.js';
-import { MAX_ZERO_BOUNCE_BYTES } from './limits.js';
+import { iovIsZero, iovSlice } from './iov.js';
 import type { TrackedRequest } from './tracked-requests.js';
 import { VdiskError, isNotSupported } from '../errors.js';
 import { tracer } from '../trace.js';
 
+export { COR_WRITE_BEHIND_BYTES } from './copy-on-read.js';
+
 const trace = tracer('io');
-
-/** Never written to: drivers must not modify the buffers they are asked to write. */
-const ZERO_BOUNCE = Buffer.alloc(MAX_ZERO_BOUNCE_BYTES);
-
-/**
- * Copy-on-read writes may trail the reads that fetched their data by this many
- * bytes per node; past that, a read waits for its own copy to land.
- */
-export const COR_WRITE_BEHIND_BYTES = 32 * 1024 * 1024;
-/** The trailing copies' own buffers (the caller's are free again once its read is answered). */
-const corBuffers = new BufferPool(COR_WRITE_BEHIND_BYTES);
-
-// ---------------------------------------------------------------------------
-// Validation at the edge
-
-function checkRequest(node: BlockNode, offset: number, bytes: number): void {
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
-    throw new VdiskError('EINVAL', `bad request offset=${offset} bytes=${bytes}`);
-  }
-  const size = node.size();
-  if (node.driver.growable) return; // a host file under a format driver: past the end reads zero, writes grow it
-  if (offset > size || bytes > size - offset) {
-    throw new VdiskError('EINVAL', `request offset=${offset} bytes=${bytes} is beyond the end of ${node.name} (size ${size})`);
-  }
-}
-
-function checkWritable(node: BlockNode): void {
-  if (node.readOnly) throw new VdiskError('EROFS', `${node.name} is read-only`);
-}
-
-function checkIov(iov: readonly Buffer[], bytes: number): void {
-  if (iovBytes(iov) !== bytes) throw new VdiskError('EINVAL', `buffer list holds ${iovBytes(iov)} bytes, request is ${bytes}`);
-}
 
 // ---------------------------------------------------------------------------
 // Reads
@@ -66,165 +36,51 @@ export async function preadv(node: BlockNode, offset: number, bytes: number, iov
   checkIov(iov, bytes);
   if (bytes === 0) return;
   if (trace.enabled) trace('preadv node=%s offset=%d bytes=%d', node.name, offset, bytes);
-  node.incInFlight();
   const pad = computePadding(offset, bytes, node.limits.requestAlignment);
-  const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'read');
-  let trailing: Promise<void>[] | null = null;
+  const req = beginRequest(node, pad?.offset ?? offset, pad?.bytes ?? bytes, 'read');
+  if (node.copyOnRead && node.backing && !node.readOnly) return copyOnReadRequest(node, req, offset, bytes, iov);
   try {
-    if (node.copyOnRead && node.backing && !node.readOnly) {
-      await copyOnReadv(node, req, offset, bytes, iov, (trailing = []));
-      return;
-    }
     await node.tracker.waitSerialising(req);
     await readAligned(node, offset, bytes, iov, pad);
   } finally {
-    // Copies still on their way keep the request in flight, and serialising, until they land.
-    if (!trailing?.length) endRequest(node, req);
+    endRequest(node, req);
+  }
+}
+
+/** A guest read with copy-on-read: answered once its data is in; copies still on their way keep the request tracked (and serialising) until they land. */
+async function copyOnReadRequest(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  const trailing: Promise<void>[] = [];
+  try {
+    await copyOnReadv(node, req, offset, bytes, { iov, trailing });
+  } finally {
+    if (!trailing.length) endRequest(node, req);
     else void Promise.all(trailing).then(() => endRequest(node, req));
   }
 }
 
-function endRequest(node: BlockNode, req: TrackedRequest): void {
-  node.tracker.end(req);
-  node.decInFlight();
-}
-
-async function alignedPreadv(node: BlockNode, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
-  const { requestAlignment: align, maxTransfer } = node.limits;
-  assert(offset % align === 0 && bytes % align === 0, 'alignedPreadv: unaligned request');
-  if (bytes <= maxTransfer) return node.driver.preadv(offset, bytes, iov);
-  for (let done = 0; done < bytes; done += maxTransfer) {
-    const n = Math.min(maxTransfer, bytes - done);
-    await node.driver.preadv(offset + done, n, iovSlice(iov, done, n));
-  }
-}
-
 /**
- * Copy-on-read (as in QEMU's bdrv_co_do_copy_on_readv): the read is widened to whole clusters; clusters the
- * top node lacks are read through the chain, handed to the caller, and written
- * into the top node (all-zero ones as write-zeroes). The request is serialising
- * at cluster granularity and looks at the allocation only once it runs, so a
- * guest write that landed meanwhile is never overwritten.
- *
- * With `trailing`, a read does not wait for its copies: each is written from a
- * buffer of its own and its promise pushed to `trailing`, and the caller keeps
- * the request serialising until they all land (so a write to those clusters
- * still waits for them). A failed copy (disk full) only counts; the read has
- * its data. Without `trailing` (the stream job) copies are awaited and their
- * errors thrown.
+ * Read [offset, offset+bytes) of `backing` (the node below a format driver),
+ * where what lies past its end, or everything without one, reads as zero.
  */
-async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: number, bytes: number, iov: Buffer[] | null, trailing: Promise<void>[] | null): Promise<void> {
-  const granularity = node.driver.allocationAlignment ?? node.limits.requestAlignment;
-  const size = node.size();
-  const start = offset - (offset % granularity);
-  const end = Math.min(size, Math.ceil((offset + bytes) / granularity) * granularity);
-  node.tracker.markSerialising(req, granularity);
-  await node.tracker.waitSerialising(req);
-  for (let pos = start; pos < end; ) {
-    const st = await blockStatus(node, pos, end - pos);
-    let n = st.bytes;
-    if (st.allocated) {
-      const from = Math.max(pos, offset);
-      const to = Math.min(pos + n, offset + bytes);
-      if (iov && to > from) await readAligned(node, from, to - from, iovSlice(iov, from - offset, to - from));
-      pos += n;
-      continue;
-    }
-    // Whole units that read as zero below need no reading at all: they become zero clusters.
-    const backing = node.backing!;
-    const below = pos < backing.size() ? await blockStatusAbove(backing, pos, Math.min(n, backing.size() - pos)) : null;
-    const zeroUnits = below ? (below.zero ? below.bytes - (below.bytes % granularity) : 0) : n;
-    if (zeroUnits > 0) n = Math.min(n, zeroUnits);
-    // The caller's buffers for the part of [pos, pos+n) it asked for.
-    const from = Math.max(pos, offset);
-    const to = Math.min(pos + n, offset + bytes);
-    const wanted = iov && to > from ? iovSlice(iov, from - offset, to - from) : [];
-    const trail = trailing !== null && node.corBytesTrailing + n <= COR_WRITE_BEHIND_BYTES;
-    // Reserved before reading, so that reads side by side keep to the bound together.
-    if (trail) node.corBytesTrailing += n;
-    let own: Buffer | null = null;
-    let parts: Buffer[] = [];
-    if (zeroUnits > 0) {
-      for (const b of wanted) b.fill(0);
-    } else if (trail) {
-      own = corBuffers.take(n);
-      try {
-        await alignedPreadv(node, pos, n, [own]);
-      } catch (err) {
-        node.corBytesTrailing -= n;
-        corBuffers.give(own);
-        throw err;
-      }
-      copyInto(wanted, own.subarray(from - pos, to - pos));
-      parts = [own];
-      node.corStats.bytesFromBacking += n;
-    } else {
-      // Read straight into the caller's buffers, with scratch space around them.
-      parts = wanted.length
-        ? [...(from > pos ? [Buffer.allocUnsafe(from - pos)] : []), ...wanted, ...(pos + n > to ? [Buffer.allocUnsafe(pos + n - to)] : [])]
-        : [Buffer.allocUnsafe(n)];
-      await alignedPreadv(node, pos, n, parts);
-      node.corStats.bytesFromBacking += n;
-    }
-    const copy = copyIn(node, pos, n, zeroUnits > 0 || iovIsZero(parts) ? null : parts, trailing === null);
-    if (trail) {
-      trailing.push(
-        copy.finally(() => {
-          node.corBytesTrailing -= n;
-          if (own) corBuffers.give(own);
-        }),
-      );
-    } else {
-      await copy;
-    }
-    pos += n;
-  }
-}
-
-/** Write one copy-on-read piece into the top node (`data` null: it reads as zero). Rejects only when `strict`. */
-async function copyIn(node: BlockNode, offset: number, bytes: number, data: Buffer[] | null, strict: boolean): Promise<void> {
-  try {
-    if (data) await alignedPwritev(node, offset, bytes, data);
-    // The clusters must be this node's afterwards, or later reads go to the backing again.
-    else await alignedPwriteZeroes(node, offset, bytes, { allocate: true });
-    node.corStats.bytesCopied += bytes;
-  } catch (err) {
-    if (strict) throw err;
-    node.corStats.copyFailures++;
-    trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, offset, bytes, (err as Error).message);
-  }
+export async function readBacking(backing: BlockNode | null, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  const inside = bytesInside(backing, offset, bytes);
+  if (inside > 0) await preadv(backing!, offset, inside, iovSlice(iov, 0, inside));
+  if (inside < bytes) for (const b of iovSlice(iov, inside, bytes - inside)) b.fill(0);
 }
 
 /**
  * Copy [offset, offset+bytes) from the backing chain into `node` wherever it
- * lacks it (the stream job). Same serialisation as copy-on-read; errors count.
+ * lacks it (the stream job). Same serialisation as copy-on-read; errors throw.
  */
 export async function copyFromBacking(node: BlockNode, offset: number, bytes: number): Promise<void> {
   checkWritable(node);
   checkRequest(node, offset, bytes);
   if (bytes === 0 || !node.backing) return;
-  node.incInFlight();
-  const req = node.tracker.begin(offset, bytes, 'read');
+  const req = beginRequest(node, offset, bytes, 'read');
   try {
-    await copyOnReadv(node, req, offset, bytes, null, null);
+    await copyOnReadv(node, req, offset, bytes, null);
   } finally {
-    node.tracker.end(req);
-    node.decInFlight();
-  }
-}
-
-/** Read a possibly unaligned range from the driver: head and tail padding land in scratch buffers, the caller's buffers get the middle. */
-async function readAligned(node: BlockNode, offset: number, bytes: number, iov: Buffer[], pad = computePadding(offset, bytes, node.limits.requestAlignment)): Promise<void> {
-  if (!pad) return alignedPreadv(node, offset, bytes, iov);
-  const padded = [...(pad.head ? [Buffer.allocUnsafe(pad.head)] : []), ...iov, ...(pad.tail ? [Buffer.allocUnsafe(pad.tail)] : [])];
-  await alignedPreadv(node, pad.offset, pad.bytes, padded);
-}
-
-function copyInto(iov: Buffer[], src: Buffer): void {
-  let pos = 0;
-  for (const b of iov) {
-    src.copy(b, 0, pos, pos + b.length);
-    pos += b.length;
+    endRequest(node, req);
   }
 }
 
@@ -242,15 +98,18 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
     return pwriteZeroes(node, offset, bytes, { mayUnmap: node.detectZeroes === 'unmap' });
   }
   if (trace.enabled) trace('pwritev node=%s offset=%d bytes=%d', node.name, offset, bytes);
-  node.incInFlight();
   const align = node.limits.requestAlignment;
   const pad = computePadding(offset, bytes, align);
-  const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'write');
+  const req = beginRequest(node, pad?.offset ?? offset, pad?.bytes ?? bytes, 'write');
+  // Made only when someone listens: the 4k path allocates nothing for notifiers.
+  const event: WriteEvent | null = node.writeNotifiers.length ? { kind: 'write', offset, bytes } : null;
+  let failed: unknown = null;
   try {
     // RMW rewrites bytes this request was not given: nobody may touch those blocks meanwhile.
     if (pad) node.tracker.markSerialising(req, align);
     // Allocating a cluster (and copying what the write does not cover) must not interleave either.
     await waitSerialisingAllocation(node, req, offset, bytes, false);
+    if (event) await notifyBefore(node, event);
     if (!pad) {
       await alignedPwritev(node, offset, bytes, iov);
     } else {
@@ -262,9 +121,12 @@ export async function pwritev(node: BlockNode, offset: number, bytes: number, io
       ];
       await alignedPwritev(node, pad.offset, pad.bytes, padded);
     }
+  } catch (err) {
+    failed = err;
+    throw err;
   } finally {
-    node.tracker.end(req);
-    node.decInFlight();
+    if (event) notifyAfter(node, event, failed);
+    endRequest(node, req);
   }
 }
 
@@ -310,25 +172,13 @@ async function rmwRead(node: BlockNode, pad: Padding): Promise<{ headBlock: Buff
   return { headBlock, tailBlock };
 }
 
-async function alignedPwritev(node: BlockNode, offset: number, bytes: number, iov: Buffer[]): Promise<void> {
-  const { requestAlignment: align, maxTransfer } = node.limits;
-  assert(offset % align === 0 && bytes % align === 0, 'alignedPwritev: unaligned request');
-  const drv = node.driver;
-  if (!drv.pwritev) throw new VdiskError('EROFS', `${node.name} (${drv.formatName}) cannot be written`);
-  if (bytes <= maxTransfer) return drv.pwritev(offset, bytes, iov);
-  for (let done = 0; done < bytes; done += maxTransfer) {
-    const n = Math.min(maxTransfer, bytes - done);
-    await drv.pwritev(offset + done, n, iovSlice(iov, done, n));
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Write-zeroes
 
 /**
  * After this completes the range reads as zero from this node, whatever the
  * backing chain holds. With `mayUnmap` (and discard=unmap on the node) the
- * driver may also free the space.
+ * driver may also free the space. Partial units follow write-zeroes.ts's rule.
  */
 export async function pwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: ZeroFlags = {}): Promise<void> {
   checkWritable(node);
@@ -336,81 +186,23 @@ export async function pwriteZeroes(node: BlockNode, offset: number, bytes: numbe
   if (bytes === 0) return;
   const mayUnmap = Boolean(flags.mayUnmap) && node.discard === 'unmap';
   if (trace.enabled) trace('pwriteZeroes node=%s offset=%d bytes=%d mayUnmap=%s', node.name, offset, bytes, mayUnmap);
-  node.incInFlight();
-  const align = node.limits.requestAlignment;
-  const pad = computePadding(offset, bytes, align);
-  const req = node.tracker.begin(pad?.offset ?? offset, pad?.bytes ?? bytes, 'zero');
+  const unit = zeroUnit(node);
+  const pad = computePadding(offset, bytes, unit);
+  const req = beginRequest(node, offset, bytes, 'zero');
+  const event: WriteEvent | null = node.writeNotifiers.length ? { kind: 'zero', offset, bytes } : null;
+  let failed: unknown = null;
   try {
-    if (pad) node.tracker.markSerialising(req, align);
+    // A partial unit is read and rewritten whole: nobody may touch that unit meanwhile.
+    if (pad) node.tracker.markSerialising(req, unit);
     await waitSerialisingAllocation(node, req, offset, bytes, true);
-    const end = offset + bytes;
-    let pos = offset;
-    // A head smaller than a block: zero it inside the block by read-modify-write.
-    if (pos % align !== 0) {
-      const block = pos - (pos % align);
-      const to = Math.min(end, block + align);
-      await rmwZero(node, block, pos - block, to - block);
-      pos = to;
-    }
-    const alignedEnd = end - (end % align);
-    if (alignedEnd > pos) {
-      await alignedPwriteZeroes(node, pos, alignedEnd - pos, { mayUnmap });
-      pos = alignedEnd;
-    }
-    if (pos < end) await rmwZero(node, pos, 0, end - pos);
+    if (event) await notifyBefore(node, event);
+    await zeroRange(node, offset, bytes, mayUnmap);
+  } catch (err) {
+    failed = err;
+    throw err;
   } finally {
-    node.tracker.end(req);
-    node.decInFlight();
-  }
-}
-
-async function rmwZero(node: BlockNode, block: number, from: number, to: number): Promise<void> {
-  const align = node.limits.requestAlignment;
-  if (trace.enabled) trace('pwriteZeroes rmw node=%s block=%d from=%d to=%d', node.name, block, from, to);
-  const buf = Buffer.allocUnsafe(align);
-  await alignedPreadv(node, block, align, [buf]);
-  buf.fill(0, from, to);
-  // A block that will read as zero anyway is a write-zeroes of the whole block:
-  // the driver can do it as metadata (a qcow2 zero cluster) instead of allocating.
-  if (isZero(buf)) return alignedPwriteZeroes(node, block, align, {});
-  await alignedPwritev(node, block, align, [buf]);
-}
-
-/** Native write-zeroes in chunks; ENOTSUP (or no native op) falls back to writing zeroes. */
-async function alignedPwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
-  const { requestAlignment: align, maxPwriteZeroes } = node.limits;
-  assert(offset % align === 0 && bytes % align === 0, 'alignedPwriteZeroes: unaligned request');
-  const drv = node.driver;
-  let done = 0;
-  if (drv.pwriteZeroes) {
-    try {
-      while (done < bytes) {
-        const n = Math.min(maxPwriteZeroes, bytes - done);
-        await drv.pwriteZeroes(offset + done, n, flags);
-        done += n;
-      }
-      return;
-    } catch (err) {
-      if (!isNotSupported(err)) throw err;
-      if (trace.enabled) trace('pwriteZeroes fallback node=%s offset=%d bytes=%d', node.name, offset + done, bytes - done);
-    }
-  }
-  await writeZeroesFallback(node, offset + done, bytes - done);
-}
-
-/**
- * Write real zeroes from one bounded buffer, reused for every chunk, so zeroing
- * a terabyte takes constant memory, not a terabyte of zeroes.
- */
-async function writeZeroesFallback(node: BlockNode, offset: number, bytes: number): Promise<void> {
-  const { requestAlignment: align, maxTransfer } = node.limits;
-  let chunk = Math.min(maxTransfer, MAX_ZERO_BOUNCE_BYTES);
-  chunk -= chunk % align;
-  const zero = chunk >= align ? ZERO_BOUNCE.subarray(0, chunk) : Buffer.alloc((chunk = align));
-  for (let done = 0; done < bytes; ) {
-    const n = Math.min(chunk, bytes - done);
-    await alignedPwritev(node, offset + done, n, [n === zero.length ? zero : zero.subarray(0, n)]);
-    done += n;
+    if (event) notifyAfter(node, event, failed);
+    endRequest(node, req);
   }
 }
 
@@ -418,37 +210,96 @@ async function writeZeroesFallback(node: BlockNode, offset: number, bytes: numbe
 // Discard
 
 /**
- * Tell the node it may free the range. The contents afterwards are undefined:
- * callers that need zeroes use pwriteZeroes with mayUnmap. The range is rounded inward to the discard
+ * Does a discard on this node leave the range reading as zero? The driver
+ * declares what a discarded range reads as (`discardLeaves`): zeroes, or
+ * whatever is below (then only a node with no backing reads zero). Callers
+ * that need zeroes (the FUSE export's hole punch) discard only when this says
+ * so, with `mustZero`.
+ */
+export function discardLeavesZeroes(node: BlockNode): boolean {
+  const drv = node.driver;
+  if (node.readOnly || node.discard === 'ignore' || !drv.pdiscard) return false;
+  return drv.discardLeaves === 'zero' || (drv.discardLeaves === 'unallocated' && node.backing === null);
+}
+
+export interface DiscardFlags {
+  /**
+   * The range must read as zero afterwards (only where discardLeavesZeroes):
+   * the partial units at its edges, and any the driver declines (ENOTSUP),
+   * are zeroed with write-zeroes that may unmap.
+   */
+  mustZero?: boolean;
+}
+
+/**
+ * Tell the node it may free the range. Without `mustZero` the contents
+ * afterwards are undefined. The range is rounded inward to the discard
  * alignment; discard=ignore nodes and drivers without discard do nothing.
  */
-export async function pdiscard(node: BlockNode, offset: number, bytes: number): Promise<void> {
+export async function pdiscard(node: BlockNode, offset: number, bytes: number, flags: DiscardFlags = {}): Promise<void> {
   checkWritable(node);
   checkRequest(node, offset, bytes);
+  const mustZero = flags.mustZero === true;
+  if (mustZero && !discardLeavesZeroes(node)) throw new VdiskError('EINVAL', `${node.name}: a discard there does not leave zeroes`);
   const drv = node.driver;
   if (bytes === 0 || node.discard === 'ignore' || !drv.pdiscard) return;
   const align = Math.max(node.limits.pdiscardAlignment, node.limits.requestAlignment);
   const start = Math.ceil(offset / align) * align;
   const end = Math.floor((offset + bytes) / align) * align;
-  if (start >= end) return;
+  if (start >= end) {
+    if (mustZero) await pwriteZeroes(node, offset, bytes, { mayUnmap: true });
+    return;
+  }
+  if (mustZero && offset < start) await pwriteZeroes(node, offset, start - offset, { mayUnmap: true });
+  const done = await discardAligned(node, start, end);
+  if (mustZero && done < offset + bytes) await pwriteZeroes(node, done, offset + bytes - done, { mayUnmap: true });
+}
+
+/** Discard [start, end) (aligned) in the driver's chunks; returns where it stopped (end, or where the driver declined). */
+async function discardAligned(node: BlockNode, start: number, end: number): Promise<number> {
   if (trace.enabled) trace('pdiscard node=%s offset=%d bytes=%d', node.name, start, end - start);
-  node.incInFlight();
-  const req = node.tracker.begin(start, end - start, 'discard');
+  const req = beginRequest(node, start, end - start, 'discard');
+  const event: WriteEvent | null = node.writeNotifiers.length ? { kind: 'discard', offset: start, bytes: end - start } : null;
+  let failed: unknown = null;
+  let pos = start;
   try {
     await waitSerialisingAllocation(node, req, start, end - start, true);
-    for (let pos = start; pos < end; ) {
+    if (event) await notifyBefore(node, event);
+    while (pos < end) {
       const n = Math.min(node.limits.maxPdiscard, end - pos);
       try {
-        await drv.pdiscard(pos, n);
+        await node.driver.pdiscard!(pos, n);
       } catch (err) {
-        if (isNotSupported(err)) return; // discard is advisory
+        if (isNotSupported(err)) break; // discard is advisory
         throw err;
       }
       pos += n;
     }
+  } catch (err) {
+    failed = err;
+    throw err;
   } finally {
-    node.tracker.end(req);
-    node.decInFlight();
+    if (event) notifyAfter(node, event, failed);
+    endRequest(node, req);
+  }
+  return pos;
+}
+
+// ---------------------------------------------------------------------------
+// Write notifiers (node.ts): called around every write, write-zeroes and
+// discard that lands on the node, with the range the caller asked for.
+
+async function notifyBefore(node: BlockNode, ev: WriteEvent): Promise<void> {
+  for (const n of node.writeNotifiers) await n.before?.(ev);
+}
+
+function notifyAfter(node: BlockNode, ev: WriteEvent, error: unknown): void {
+  for (const n of node.writeNotifiers) {
+    try {
+      n.after?.(ev, error ?? undefined);
+    } catch (err) {
+      trace('write notifier failed node=%s: %s', node.name, (err as Error).message);
+    }
   }
 }
 
@@ -466,4 +317,3 @@ export async function flush(node: BlockNode): Promise<void> {
     node.decInFlight();
   }
 }
-

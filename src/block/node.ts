@@ -33,6 +33,24 @@ export interface CopyOnReadStats {
   copyFailures: number;
 }
 
+/** A write, write-zeroes or discard landing on a node: the range its caller asked for. */
+export interface WriteEvent {
+  kind: 'write' | 'zero' | 'discard';
+  offset: number;
+  bytes: number;
+}
+
+/**
+ * Hears every write, write-zeroes and discard on a node (a mirror's dirty
+ * bitmap, a backup job). Copy-on-read copies are not heard: they change no content.
+ */
+export interface WriteNotifier {
+  /** Once the request's conflicts are done, before the driver sees it; the request waits for a returned promise. */
+  before?(ev: WriteEvent): void | Promise<void>;
+  /** After the driver answered; with `error` when it failed (part of the range may have changed anyway). */
+  after?(ev: WriteEvent, error?: unknown): void;
+}
+
 export class BlockNode {
   readonly driver: BlockDriver;
   readonly name: string;
@@ -45,6 +63,8 @@ export class BlockNode {
   readonly corStats: CopyOnReadStats = { bytesFromBacking: 0, bytesCopied: 0, copyFailures: 0 };
   /** @internal Bytes of copy-on-read writes still on their way after their reads were answered (io.ts). */
   corBytesTrailing = 0;
+  /** @internal read by io.ts on every write; replaced, never mutated, so a notification in progress keeps its list. */
+  writeNotifiers: readonly WriteNotifier[] = [];
   private inFlight = 0;
   private drainWaiters: Array<() => void> = [];
 
@@ -89,6 +109,14 @@ export class BlockNode {
       this.drainWaiters = [];
       for (const w of waiters) w();
     }
+  }
+
+  /** Hear every write, write-zeroes and discard from now on; returns the function that stops it. */
+  addWriteNotifier(notifier: WriteNotifier): () => void {
+    this.writeNotifiers = [...this.writeNotifiers, notifier];
+    return () => {
+      this.writeNotifiers = this.writeNotifiers.filter((n) => n !== notifier);
+    };
   }
 
   /** Resolves once no request is in flight on this node. */

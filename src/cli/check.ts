@@ -2,7 +2,7 @@
 import type { Argv } from 'yargs';
 import { openImage } from '../drivers/chain.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
-import { checkImage, type RepairMode } from '../drivers/qcow2/check.js';
+import type { RepairMode } from '../drivers/qcow2/check.js';
 import { VdiskError } from '../errors.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 
@@ -25,7 +25,7 @@ export async function runCheck(args: CheckArgs & ConfineArgs): Promise<void> {
   const node = await openImage(args.file, { format: 'qcow2', readOnly: repair === 'none', ...confineFromArgs(args) });
   try {
     if (!(node.driver instanceof Qcow2Driver)) throw new VdiskError('ERR_IMAGE_FORMAT', 'vdisk check works on qcow2 images');
-    const r = await checkImage(node.driver, repair);
+    const r = await node.driver.check(repair);
     const corruptionsLeft = r.corruptions - r.corruptionsFixed;
     const leaksLeft = r.leaks - r.leaksFixed;
     if (args.output === 'json') {

@@ -2,7 +2,6 @@
 import type { Argv } from 'yargs';
 import { FORMAT_NAMES } from '../drivers/registry.js';
 import { openImage } from '../drivers/chain.js';
-import { chainOf } from '../block/graph.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
@@ -10,7 +9,7 @@ import { ERROR_TABLE, VdiskError, codeOf, type ErrorCode } from '../errors.js';
 import { formatSize } from './util.js';
 import { OPTION_NUMBERS, coerceWith, parseInteger, parseSize } from './numbers.js';
 import fs from 'node:fs/promises';
-import { HttpDriver } from '../drivers/http/index.js';
+import { imageStats } from '../stats.js';
 import { displayName } from '../drivers/http/url.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
@@ -20,18 +19,10 @@ import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine
 /** Counters for --stats: the export's, copy-on-read's, and what HTTP backing nodes fetched. */
 export function statsLine(exp: FuseExport, top: BlockNode): string {
   const s = exp.stats;
-  let fetched = 0;
-  let requests = 0;
-  for (const n of chainOf(top)) {
-    if (n.driver instanceof HttpDriver) {
-      fetched += n.driver.stats.bytesFetched;
-      requests += n.driver.stats.requests;
-    }
-  }
-  const c = top.corStats;
+  const { copyOnRead: c, http } = imageStats(top);
   return (
     `reads=${s.reads} bytesRead=${s.bytesRead} writes=${s.writes} bytesWritten=${s.bytesWritten} errors=${s.errors} ` +
-    `bytesFromBacking=${c.bytesFromBacking} bytesCopied=${c.bytesCopied} copyFailures=${c.copyFailures} httpRequests=${requests} httpBytesFetched=${fetched}`
+    `bytesFromBacking=${c.bytesFromBacking} bytesCopied=${c.bytesCopied} copyFailures=${c.copyFailures} httpRequests=${http.requests} httpBytesFetched=${http.bytesFetched}`
   );
 }
 

@@ -32,12 +32,15 @@ export async function runUnmount(args: UnmountArgs): Promise<void> {
   let real: string;
   try {
     real = await mountinfoPath(args.mountpoint);
-  } catch {
+  } catch (err) {
+    // Another user's symlink on the way is refused as by mount; a missing directory is simply no mount.
+    if ((err as { code?: string }).code === 'ERR_MOUNTPOINT' && /symlink/.test((err as Error).message)) throw err;
     throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} does not exist`);
   }
   const fstype = (await mountedPaths()).get(real);
   if (fstype === undefined) throw new VdiskError('ERR_NOT_MOUNTED', `nothing is mounted on ${args.mountpoint}`);
-  if (!fstype.startsWith('fuse')) throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} is a ${fstype} mount, not vdisk's`);
+  // vdisk mounts with subtype=vdisk: an sshfs or another FUSE filesystem there is not ours to end.
+  if (fstype !== 'fuse.vdisk') throw new VdiskError('ERR_NOT_MOUNTED', `${args.mountpoint} is a ${fstype} mount, not vdisk's`);
   if (process.getuid?.() !== 0) return fusermount(real, args.lazy);
   try {
     await native().umount(real, (args.lazy ? MNT_DETACH : 0) | UMOUNT_NOFOLLOW);

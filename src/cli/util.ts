@@ -4,17 +4,7 @@ import { redact } from '../secrets.js';
 
 /** Sizes are parsed with every other number of the command line, in numbers.ts. */
 export { parseSize } from './numbers.js';
-
-export function formatSize(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let v = bytes;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return i === 0 ? `${bytes} B` : `${v.toFixed(v < 10 ? 2 : 1).replace(/\.0+$/, '')} ${units[i]}`;
-}
+export { formatSize } from '../size-text.js';
 
 /** One line on stderr with a stable code; the stack only when DEBUG is set. */
 export function reportError(err: unknown): void {

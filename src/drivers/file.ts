@@ -107,6 +107,8 @@ export class FileDriver implements BlockDriver {
   readonly limits = { requestAlignment: 1, maxTransfer: 64 * 1024 * 1024 };
   readOnly: boolean;
   readonly growable: boolean;
+  /** A punched hole reads as zero (pdiscard fails with ENOTSUP where holes cannot be punched). */
+  readonly discardLeaves = 'zero';
   readonly path: string;
   private fd: number;
   private bytes: number;

@@ -26,6 +26,7 @@ export interface MemoryOptions {
 export class MemoryDriver implements BlockDriver {
   readonly formatName = 'memory';
   readonly limits: Partial<BlockLimits>;
+  readonly discardLeaves: 'zero' | 'unallocated';
   readOnly: boolean;
   private readonly bytes: number;
   private readonly chunks = new Map<number, Buffer>();
@@ -38,6 +39,7 @@ export class MemoryDriver implements BlockDriver {
 
   constructor(options: MemoryOptions) {
     this.options = options;
+    this.discardLeaves = options.unwrittenIsUnallocated ? 'unallocated' : 'zero';
     this.bytes = options.size;
     this.limits = options.limits ?? {};
     this.readOnly = options.readOnly ?? false;

@@ -46,6 +46,10 @@ export class ProbedRawDriver implements BlockDriver {
     if (inner.mayAllocate) this.mayAllocate = (offset, bytes) => inner.mayAllocate!(offset, bytes);
   }
 
+  get discardLeaves() {
+    return this.inner.discardLeaves;
+  }
+
   get limits() {
     return this.inner.limits;
   }

@@ -10,8 +10,9 @@
  *   as on a block device. O_TRUNC is ignored (as on a block device), so
  *   `cp image mountpoint` overwrites in place; truncate to another size is EINVAL.
  * - fallocate: ZERO_RANGE (with or without KEEP_SIZE) is write-zeroes;
- *   PUNCH_HOLE|KEEP_SIZE is write-zeroes that may unmap, so the range always
- *   reads as zero afterwards, whatever the backing chain holds; mode 0 and
+ *   PUNCH_HOLE|KEEP_SIZE is a discard where the node says a discard leaves
+ *   zeroes (io.discardLeavesZeroes), else write-zeroes that may unmap, so the
+ *   range always reads as zero afterwards, whatever the backing chain holds; mode 0 and
  *   KEEP_SIZE alone succeed inside the disk (every byte is already there) and
  *   fail with ENOSPC past its end; other modes are EOPNOTSUPP.
  * - SEEK_DATA/SEEK_HOLE use block status above the chain; ranges that read as
@@ -402,9 +403,12 @@ export class FuseExport {
     if (mode & FALLOC_PUNCH_HOLE) {
       // Linux requires KEEP_SIZE with PUNCH_HOLE, and PUNCH_HOLE excludes ZERO_RANGE.
       if (!keepSize || mode & FALLOC_ZERO_RANGE) this.fail('ENOTSUP', 'PUNCH_HOLE needs KEEP_SIZE and excludes ZERO_RANGE');
-      // Discard alone leaves the contents undefined (a backing node may show
-      // through); write-zeroes that may unmap leaves zeroes, as on a Linux file.
-      if (offset < end) await io.pwriteZeroes(this.node, offset, end - offset, { mayUnmap: true });
+      // The range must read as zero afterwards, as on a Linux file. A discard
+      // does where the node says so (a host file; qcow2 with nothing below);
+      // elsewhere a backing node would show through: write-zeroes that may unmap.
+      if (offset >= end) return;
+      if (io.discardLeavesZeroes(this.node)) await io.pdiscard(this.node, offset, end - offset, { mustZero: true });
+      else await io.pwriteZeroes(this.node, offset, end - offset, { mayUnmap: true });
       return;
     }
     if (!keepSize && offset + length > size) this.fail('ENOSPC', `the disk has a fixed size of ${size} bytes and cannot grow`);

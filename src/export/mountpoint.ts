@@ -21,11 +21,13 @@ export async function mountedPaths(): Promise<Map<string, string>> {
 /**
  * The path a mountpoint has in /proc/self/mountinfo: its directory resolved,
  * its last component as given (never followed: a mount is on the file itself).
- * `vdisk mount` and `vdisk unmount` both name a mount this way.
+ * `vdisk mount` and `vdisk unmount` both name a mount this way, and both refuse
+ * another user's symlink on the way (resolveTrustedDir): through one, root's
+ * `vdisk unmount /tmp/pub/d/disk` would end whatever mount the link's owner chose.
  */
 export async function mountinfoPath(mountpoint: string): Promise<string> {
   const abs = path.resolve(mountpoint);
-  return path.join(await fs.realpath(path.dirname(abs)), path.basename(abs));
+  return path.join(await resolveTrustedDir(mountpoint, path.dirname(abs)), path.basename(abs));
 }
 
 /** Linux's limit on symlinks followed in one lookup (ELOOP past it). */
@@ -95,9 +97,7 @@ export interface MountTarget {
  * way to it, and nothing mounted on it yet.
  */
 export async function openMountpoint(mountpoint: string): Promise<MountTarget> {
-  const abs = path.resolve(mountpoint);
-  const dir = await resolveTrustedDir(mountpoint, path.dirname(abs));
-  const target = path.join(dir, path.basename(abs));
+  const target = await mountinfoPath(mountpoint);
   // Check for a mount before touching the file: a dead FUSE mount answers ENOTCONN to everything.
   const mounted = await mountedPaths();
   if (mounted.has(target)) throw new VdiskError('ERR_ALREADY_MOUNTED', `${mountpoint} is already mounted (${mounted.get(target)}); vdisk unmount it first`);

@@ -65,3 +65,18 @@ describe('probed raw guard', () => {
     expect((await head()).equals(Buffer.alloc(512))).toBe(true);
   });
 });
+
+describe('probeHead', () => {
+  const head = (text: string) => Buffer.from(text.padEnd(512, '\0'), 'latin1');
+  it.each([
+    ['a VMDK descriptor', '# Disk DescriptorFile\nversion=1\nRW 8 FLAT "/etc/shadow" 0\n', 'vmdk'],
+    ['one after blank lines of spaces and CRLF', '#c\r\n   \r\n \nversion=3\r\n', 'vmdk'],
+    ['a VMware 3 sparse header', 'COWD\x01\0\0\0', 'vmdk'],
+    ['text before the version line', 'hello\nversion=1\n', 'raw'],
+    ['an indented version line', '  version=1\n', 'raw'],
+    ['another version', 'version=4\n', 'raw'],
+    ['a comment running past the sector', `#${'x'.repeat(600)}\nversion=1\n`, 'raw'],
+  ])('%s probes as QEMU probes it', (_what, text, format) => {
+    expect(probeHead(head(text).subarray(0, 512))).toBe(format);
+  });
+});

@@ -88,4 +88,54 @@ describe('write-zeroes', () => {
     await io.pwritev(node, 0, 65536, [Buffer.alloc(65536, 1)]);
     expect(driver.bytesWritten).toBe(65536);
   });
+
+  it("a partial zero unit (the driver's pwriteZeroesAlignment) is one write-zeroes if the rest reads zero, else zeroes as data", async () => {
+    // A driver with 64 KiB zero units (like qcow2 clusters) on 512-byte requests.
+    const unit = 65536;
+    const driver = new MemoryDriver({ size: 1024 * 1024, nativeZeroes: true, limits: { requestAlignment: 512, pwriteZeroesAlignment: unit } });
+    driver.recordCalls = true;
+    const node = new BlockNode(driver);
+    const writes = () => driver.calls.filter((c) => c.op !== 'read');
+
+    // The rest of the unit reads zero: the whole unit is zeroed, nothing written as data.
+    await io.pwriteZeroes(node, 1000, 3000);
+    expect(writes()).toEqual([{ op: 'zero', offset: 0, bytes: unit }]);
+
+    // Data elsewhere in the unit: the zeroes are written as data, in whole
+    // 512-byte blocks, and the data survives.
+    await io.pwritev(node, unit + 60000, 512, [Buffer.alloc(512, 0xcc)]);
+    driver.calls.length = 0;
+    await io.pwriteZeroes(node, unit + 1000, 3000);
+    expect(writes()).toEqual([{ op: 'write', offset: unit + 512, bytes: 3584 }]);
+    const back = Buffer.alloc(unit);
+    await io.preadv(node, unit, unit, [back]);
+    const expected = Buffer.alloc(unit);
+    expected.fill(0xcc, 60000, 60512);
+    expect(back.equals(expected)).toBe(true);
+
+    // Whole units in the middle go to the driver as they are; the partial ends follow the rule.
+    driver.calls.length = 0;
+    await io.pwriteZeroes(node, 3 * unit - 512, 2 * unit + 1024);
+    expect(writes()).toEqual([
+      { op: 'zero', offset: 2 * unit, bytes: unit },
+      { op: 'zero', offset: 3 * unit, bytes: 2 * unit },
+      { op: 'zero', offset: 5 * unit, bytes: unit },
+    ]);
+    // Every write-zeroes the driver saw was whole units.
+    expect(driver.calls.filter((c) => c.op === 'zero').every((c) => c.offset % unit === 0 && c.bytes % unit === 0)).toBe(true);
+  });
+
+  it('a zero unit cut short by the end of the node counts as whole', async () => {
+    const unit = 65536;
+    const size = 2 * unit + 4096;
+    const driver = new MemoryDriver({ size, nativeZeroes: true, limits: { requestAlignment: 512, pwriteZeroesAlignment: unit } });
+    driver.recordCalls = true;
+    const node = new BlockNode(driver);
+    await io.pwriteZeroes(node, 2 * unit, 4096);
+    await io.pwriteZeroes(node, 2 * unit + 512, 1024);
+    expect(driver.calls.filter((c) => c.op !== 'read')).toEqual([
+      { op: 'zero', offset: 2 * unit, bytes: 4096 },
+      { op: 'zero', offset: 2 * unit, bytes: 4096 },
+    ]);
+  });
 });

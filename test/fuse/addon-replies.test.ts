@@ -16,7 +16,7 @@ import { MemoryDriver } from '../../src/drivers/memory.js';
 import { FuseExport } from '../../src/export/fuse-export.js';
 import { SEEK_DATA, native, type FuseHandlers, type FuseReq, type FuseSessionHandle } from '../../src/native.js';
 import { useScratchDir } from '../helpers/env.js';
-import { isMounted, sh } from '../helpers/vdisk.js';
+import { isMounted, sh, vdiskAsync } from '../helpers/vdisk.js';
 
 const SIZE = 1024 * 1024;
 /** Far above any answer time: a tool still blocked after this is waiting for a reply that never comes. */
@@ -126,12 +126,12 @@ function goodHandlers(): FuseHandlers {
 let serial = 0;
 
 /** Mount a 1 MiB file served by `handlers` (the good ones where not given) in this process. */
-function serve(handlers: Partial<FuseHandlers>): string {
+function serve(handlers: Partial<FuseHandlers>, subtype = 'vdisk'): string {
   const mountpoint = path.join(dir, `mnt${serial++}`);
   fs.writeFileSync(mountpoint, '');
   const session = addon.mount(
     mountpoint,
-    { fsOptions: `fsname=vdisk-reply-test,subtype=vdisk,default_permissions,max_read=${SIZE}`, maxWrite: SIZE, maxReadahead: SIZE },
+    { fsOptions: `fsname=vdisk-reply-test,subtype=${subtype},default_permissions,max_read=${SIZE}`, maxWrite: SIZE, maxReadahead: SIZE },
     { ...goodHandlers(), ...handlers },
     () => undefined,
   );
@@ -280,5 +280,17 @@ describe('the FUSE export always answers', () => {
     // would mark the file bad for good; an EIO answer leaves it usable.
     driver.bogus = null;
     expect((await pyOp('getattr', mountpoint)).out).toBe('ok');
+  });
+});
+
+describe('vdisk unmount ends only vdisk mounts', () => {
+  it('another FUSE filesystem (subtype other than vdisk) on the path is refused and stays mounted', async () => {
+    const mountpoint = serve({}, 'notvdisk');
+    expect(isMounted(mountpoint)).toBe(true);
+    const r = await vdiskAsync(['unmount', mountpoint]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^vdisk: error ERR_NOT_MOUNTED: .* is a fuse\.notvdisk mount, not vdisk's\n$/);
+    expect(isMounted(mountpoint)).toBe(true);
+    abortOf.get(mountpoint)?.();
   });
 });

@@ -93,6 +93,24 @@ describe('mountpoint symlinks', () => {
     expect(r.stderr).toMatch(/^vdisk: error ERR_MOUNTPOINT: refusing mountpoint pub\/dir\/disk: its path goes through \S+\/pub\/dir, a symlink owned by uid 65534\n$/);
   });
 
+  it("unmount through another user's symlink is refused and the mount it names stays", async () => {
+    const base = fs.mkdtempSync(path.join(dir, 'unmount-'));
+    const img = image(path.relative(dir, path.join(base, 'img')));
+    fs.mkdirSync(path.join(base, 'victim'));
+    const target = path.join(base, 'victim', 'disk');
+    const m = await Mount.start(img, target, ['-r']);
+    // nobody's link into root's directory: root's `vdisk unmount pub/dir/disk` must not end root's mount.
+    fs.mkdirSync(path.join(base, 'pub'));
+    fs.symlinkSync(path.join(base, 'victim'), path.join(base, 'pub', 'dir'));
+    fs.lchownSync(path.join(base, 'pub', 'dir'), 65534, 65534);
+    const u = vdisk(['unmount', path.join(base, 'pub', 'dir', 'disk')]);
+    expect(u.stderr).toMatch(/^vdisk: error ERR_MOUNTPOINT: refusing mountpoint \S+\/pub\/dir\/disk: its path goes through \S+\/pub\/dir, a symlink owned by uid 65534\n$/);
+    expect(u.status).toBe(1);
+    expect(mountsUnder(base)).toEqual([target]);
+    expect(vdisk(['unmount', target]).status).toBe(0);
+    expect(await m.exited).toBe(0);
+  });
+
   it("mount and unmount agree on a path through the user's own symlinked directory", async () => {
     const base = fs.mkdtempSync(path.join(dir, 'own-'));
     const img = image(path.relative(dir, path.join(base, 'img')));

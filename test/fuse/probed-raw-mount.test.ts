@@ -60,6 +60,24 @@ describe('a probed raw image', () => {
     expect((await readImage(guest)).includes(fs.readFileSync(secret).subarray(0, 20))).toBe(false);
   });
 
+  it('refuses a VMDK descriptor naming a host file in sector 0, which QEMU would probe and serve', async () => {
+    const { guest, original, secret } = setup('vmdk');
+    const descriptor = path.join(dir, 'vmdk-descriptor');
+    fs.writeFileSync(descriptor, `# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 8 FLAT "${secret}" 0\n`);
+    // What the guest is after: on a plain copy, qemu-img probes the descriptor and reads the host file.
+    const planted = path.join(dir, 'vmdk-planted.img');
+    ok(`cp ${guest} ${planted} && dd if=${descriptor} of=${planted} conv=notrunc status=none`);
+    expect(JSON.parse(ok(`qemu-img info --output=json ${planted}`))).toMatchObject({ format: 'vmdk' });
+    const mnt = path.join(dir, 'vmdk');
+    const m = await Mount.start(guest, mnt);
+    const dd = sh(`dd if=${descriptor} of=${mnt} conv=notrunc,fsync status=none`);
+    expect(dd.stderr).toMatch(/Operation not permitted/);
+    expect(dd.status).not.toBe(0);
+    expect(await m.stop()).toBe(0);
+    expect(fs.readFileSync(guest).equals(original)).toBe(true);
+    expect(JSON.parse(ok(`qemu-img info --output=json ${guest}`))).toMatchObject({ format: 'raw' });
+  });
+
   it('with -f raw the same write goes through (no warning)', async () => {
     const { guest, header } = setup('given');
     const mnt = path.join(dir, 'given');

@@ -139,4 +139,48 @@ describe('qcow2 overlay through the mount', () => {
     }
     expectQemuClean(image);
   });
+
+  it('punch on a qcow2 with nothing below is a discard: whole clusters become unallocated, the partial ones zeroed', async () => {
+    const image = path.join(dir, 'discard.qcow2');
+    expect(vdisk(['create', '-f', 'qcow2', '-o', 'cluster_size=64k', image, '64M']).status).toBe(0);
+    const mnt = `${image}.mnt`;
+    const m = await Mount.start(image, mnt);
+    const data = Buffer.alloc(16 * MiB);
+    for (let i = 0; i < data.length; i += 4096) data.fill((i / 4096) % 251 + 1, i, i + 4096);
+    try {
+      fs.writeFileSync(`${dir}/discard.data`, data);
+      expect(sh(`dd if=${dir}/discard.data of=${mnt} bs=1M seek=8 conv=notrunc,fsync status=none`).status).toBe(0);
+      // Unaligned at both ends: [12M+1000, 16M+3000).
+      expect(sh(`fallocate -p -o ${12 * MiB + 1000} -l ${4 * MiB + 2000} ${mnt} && sync ${mnt}`).status).toBe(0);
+      const expected = Buffer.from(data);
+      expected.fill(0, 4 * MiB + 1000, 8 * MiB + 3000);
+      expect(read(mnt, 8 * MiB, 16 * MiB).equals(expected)).toBe(true);
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    // As QEMU's qcow2 discard without a backing file: the clusters are gone, not zero clusters.
+    expect(mapAt(image, 13 * MiB)).toMatchObject({ present: false, zero: true, data: false });
+    expect(mapAt(image, 16 * MiB - 1)).toMatchObject({ present: false, zero: true });
+    // The partial clusters at the edges keep their other bytes as data.
+    expect(mapAt(image, 12 * MiB)).toMatchObject({ present: true, data: true });
+    expect(mapAt(image, 16 * MiB)).toMatchObject({ present: true, data: true });
+    expectQemuClean(image);
+    // qemu reads the same bytes.
+    qemuImg(`convert -f qcow2 -O raw ${image} ${image}.raw`);
+    const expected = Buffer.from(data);
+    expected.fill(0, 4 * MiB + 1000, 8 * MiB + 3000);
+    expect(read(`${image}.raw`, 8 * MiB, 16 * MiB).equals(expected)).toBe(true);
+  });
+
+  it('punch on a qcow2 over a backing file leaves zero clusters, so the backing never shows through', async () => {
+    const { image, mnt, m } = await overlay('punch-over-backing');
+    try {
+      expect(sh(`fallocate -p -o ${4 * MiB} -l ${2 * MiB} ${mnt} && sync ${mnt}`).status).toBe(0);
+      expect(read(mnt, 4 * MiB, 2 * MiB).every((b) => b === 0)).toBe(true);
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    expect(mapAt(image, 5 * MiB)).toMatchObject({ depth: 0, present: true, zero: true, data: false });
+    expectQemuClean(image);
+  });
 });

@@ -1,6 +1,7 @@
 /**
- * The race of seed 003: copy-on-read must never overwrite a guest write that
- * landed in the same cluster meanwhile. Reads of unallocated clusters and writes
+ * Copy-on-read writes what it read from the backing node into the overlay
+ * after the read: it must never overwrite a guest write that landed in the
+ * same cluster meanwhile. Reads of unallocated clusters and writes
  * into the same clusters (other sectors of one cluster too) run at high
  * concurrency over a slow backing node; every written byte must survive.
  */

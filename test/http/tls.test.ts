@@ -87,6 +87,21 @@ describe('HTTPS backing', () => {
   });
 });
 
+describe('HTTPS to a server that does not speak it', () => {
+  it('is one ERR_HTTP line naming the URL (not an OpenSSL code and line)', async () => {
+    const plain = new FaultServer({ data });
+    const url = (await plain.start()).replace(/^http:/, 'https:');
+    try {
+      const r = await vdiskAsync(['info', '--http-retries', '0', '--ca-file', caFile, url]);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toMatch(/^vdisk: error ERR_HTTP: https:\/\/127\.0\.0\.1:\d+\/image: GET bytes=0-0: [^\n]*wrong version number[^\n]*\n$/);
+      expect(r.status).toBe(1);
+    } finally {
+      await plain.stop();
+    }
+  });
+});
+
 describe('redirects from HTTPS', () => {
   /** An https server whose /redirect answers a 302 to `to` (made from the server that follows). */
   async function redirecting(target: FaultServer, fn: (url: string) => Promise<void>): Promise<void> {

@@ -75,6 +75,17 @@ export interface RetryPolicy {
   timeoutMs: number;
 }
 
+/**
+ * Ours as they are; any other failure (a name that does not resolve, TLS
+ * spoken to a plain-http port, undici's own) as ERR_HTTP naming the image:
+ * the raw error's code is not in the error table and its message may not
+ * say which URL failed (an OpenSSL line, 'getaddrinfo ENOTFOUND host').
+ */
+function named(name: string, what: string, err: unknown): unknown {
+  if (err instanceof VdiskError || !(err instanceof Error)) return err;
+  return new VdiskError('ERR_HTTP', `${name}: ${what}: ${err.message.replace(/\s+$/, '')}`, { cause: err });
+}
+
 /** Runs attempts under one policy for one image, until close() cancels the waits. */
 export class Retrier {
   private readonly name: string;
@@ -105,7 +116,7 @@ export class Retrier {
       } catch (err) {
         if (this.closed) throw new VdiskError('ECANCELED', `${this.name}: closed`);
         const retryable = err instanceof RetryableError || RETRYABLE_CODES.test((err as { code?: string }).code ?? '');
-        if (!retryable) throw explainTls(this.name, err) ?? err;
+        if (!retryable) throw explainTls(this.name, err) ?? named(this.name, what, err);
         // A Retry-After is sat out no longer than an answer is waited for (--http-timeout), and never over 10 s.
         const retryAfter = err instanceof RetryableError ? err.retryAfterMs : undefined;
         const wait = retryAfter === undefined ? delay : Math.min(retryAfter, this.policy.timeoutMs, MAX_RETRY_AFTER_MS);

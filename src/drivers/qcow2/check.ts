@@ -6,9 +6,10 @@
  */
 import * as io from '../../block/io.js';
 import { VdiskError } from '../../errors.js';
-import { EXT_BITMAPS, EXT_CRYPTO } from './header.js';
-import type { Qcow2Driver } from './index.js';
-import { readL1Entry, readL2Entry, writeL1Entry } from './l2-entry.js';
+import { EXT_BITMAPS, EXT_CRYPTO, MAX_L1_BYTES } from './header.js';
+import { readL1Entry, readL2Entry, setL2Copied, writeL1Entry } from './l2-entry.js';
+import { flush } from './flush.js';
+import type { Qcow2State } from './state.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
 
@@ -86,6 +87,12 @@ export class Counts {
   }
 }
 
+/**
+ * The most check reads whole of a snapshot table, bitmap directory or bitmap
+ * table: a hostile header cannot make it allocate more.
+ */
+const MAX_TABLE_READ_BYTES = 64 * 1024 * 1024;
+
 /** At most this many messages are kept; a hostile image could otherwise make millions. */
 const MAX_MESSAGES = 10000;
 
@@ -117,9 +124,9 @@ interface Walk {
   activeTables: Counts;
 }
 
-async function walk(drv: Qcow2Driver): Promise<Walk> {
-  const cs = drv.clusterSize;
-  const fileSize = Math.max(drv.file.size(), drv.refcounts.fileEnd);
+async function walk(img: Qcow2State): Promise<Walk> {
+  const cs = img.clusterSize;
+  const fileSize = Math.max(img.file.size(), img.refcounts.fileEnd);
   const w: Walk = { counts: new Counts(), messages: new Messages(), corruptions: 0, overlaps: 0, activeTables: new Counts() };
   const inFile = (offset: number, bytes: number, what: string): boolean => {
     if (offset + bytes > fileSize || offset < 0) {
@@ -136,13 +143,13 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
   };
   /** Data on metadata: counted apart, because no refcount repair can fix it. */
   const overlapping = (offset: number, bytes: number, what: string): void => {
-    const o = drv.metadataRanges.find(offset, bytes);
+    const o = img.metadataRanges.find(offset, bytes);
     if (!o) return;
     w.corruptions++;
     w.overlaps++;
     w.messages.push(`ERROR ${what} at ${offset} overlaps the ${o.kind} at ${o.offset}`);
   };
-  const h = drv.header;
+  const h = img.header;
   ref(0, cs, 'header');
   // L2 tables are counted per L1 entry, but each distinct table's contents are
   // read once and counted with the number of L1 entries naming it: cost follows
@@ -166,12 +173,12 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
     }
   };
   ref(h.l1TableOffset, h.l1Size * 8, 'L1 table');
-  addL1(drv.l1Table, h.l1Size, 1, true);
+  addL1(img.l1, h.l1Size, 1, true);
 
   // Internal snapshots: their L1 tables (each distinct one read once), and everything those reach.
   if (h.nbSnapshots) {
-    const table = Buffer.alloc(Math.min(64 * 1024 * 1024, Math.max(0, drv.file.size() - h.snapshotsOffset)));
-    await io.preadv(drv.file, h.snapshotsOffset, table.length, [table]);
+    const table = Buffer.alloc(Math.min(MAX_TABLE_READ_BYTES, Math.max(0, img.file.size() - h.snapshotsOffset)));
+    await io.preadv(img.file, h.snapshotsOffset, table.length, [table]);
     const l1s = new Map<string, { offset: number; size: number; weight: number }>();
     let pos = 0;
     for (let s = 0; s < h.nbSnapshots; s++) {
@@ -181,7 +188,7 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
       const idLen = table.readUInt16BE(pos + 12);
       const nameLen = table.readUInt16BE(pos + 14);
       const extra = table.readUInt32BE(pos + 36);
-      if (l1Size * 8 > 32 * 1024 * 1024) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: snapshot ${s} has an absurd L1 size`);
+      if (l1Size * 8 > MAX_L1_BYTES) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: snapshot ${s} has an absurd L1 size`);
       if (ref(l1Offset, l1Size * 8, `L1 table of snapshot ${s}`)) {
         const key = `${l1Offset}:${l1Size}`;
         const seen = l1s.get(key);
@@ -193,19 +200,19 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
     ref(h.snapshotsOffset, pos, 'snapshot table');
     for (const l1 of l1s.values()) {
       const buf = Buffer.alloc(l1.size * 8);
-      await io.preadv(drv.file, l1.offset, buf.length, [buf]);
+      await io.preadv(img.file, l1.offset, buf.length, [buf]);
       addL1(buf, l1.size, l1.weight, false);
     }
   }
 
   for (const [cluster, weight] of tables.entries()) {
     const offset = cluster * cs;
-    const firstGuest = (firstL1.get(cluster) - 1) * drv.l2Entries;
+    const firstGuest = (firstL1.get(cluster) - 1) * img.l2Entries;
     ref(offset, cs, 'L2 table', weight);
     // A table changed in memory (repair) is read from the cache, others from the file.
-    const table = drv.l2Cache.peek(offset) ?? (await readCluster(drv, offset));
-    for (let j = 0; j < drv.l2Entries; j++) {
-      const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
+    const table = img.l2Cache.peek(offset) ?? (await readCluster(img, offset));
+    for (let j = 0; j < img.l2Entries; j++) {
+      const e = readL2Entry(table, j, img.extendedL2, img.clusterBits);
       if (e.compressed) {
         const start = e.compressedOffset - (e.compressedOffset % 512);
         overlapping(start, e.compressedOffset + e.compressedBytes - start, `compressed cluster of guest cluster ${firstGuest + j}`);
@@ -222,27 +229,27 @@ async function walk(drv: Qcow2Driver): Promise<Walk> {
     }
   }
 
-  for (const m of drv.refcounts.metadataClusters()) ref(m.offset, m.clusters * cs, m.what);
+  for (const m of img.refcounts.metadataClusters()) ref(m.offset, m.clusters * cs, m.what);
 
   for (const ext of h.extensions) {
     if (ext.type === EXT_CRYPTO && ext.data.length >= 16) ref(Number(ext.data.readBigUInt64BE(0)), Number(ext.data.readBigUInt64BE(8)), 'encryption header');
-    if (ext.type === EXT_BITMAPS) for (const r of await bitmapRanges(drv, ext.data)) ref(r.offset, r.bytes, r.what);
+    if (ext.type === EXT_BITMAPS) for (const r of await bitmapRanges(img, ext.data)) ref(r.offset, r.bytes, r.what);
   }
   return w;
 }
 
 /** Every range the persistent bitmaps of the bitmaps extension occupy (directory, tables, data). */
-export async function bitmapRanges(drv: Qcow2Driver, ext: Buffer): Promise<Array<{ offset: number; bytes: number; what: string }>> {
+export async function bitmapRanges(img: Qcow2State, ext: Buffer): Promise<Array<{ offset: number; bytes: number; what: string }>> {
   const out: Array<{ offset: number; bytes: number; what: string }> = [];
   if (ext.length < 24) return out;
   const nb = ext.readUInt32BE(0);
   const dirSize = Number(ext.readBigUInt64BE(8));
   const dirOffset = Number(ext.readBigUInt64BE(16));
-  const fileSize = drv.file.size();
-  if (dirSize > 64 * 1024 * 1024 || dirOffset + dirSize > fileSize) return [{ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' }];
+  const fileSize = img.file.size();
+  if (dirSize > MAX_TABLE_READ_BYTES || dirOffset + dirSize > fileSize) return [{ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' }];
   out.push({ offset: dirOffset, bytes: dirSize, what: 'bitmap directory' });
   const dir = Buffer.alloc(dirSize);
-  await io.preadv(drv.file, dirOffset, dirSize, [dir]);
+  await io.preadv(img.file, dirOffset, dirSize, [dir]);
   let pos = 0;
   for (let b = 0; b < nb && pos + 24 <= dir.length; b++) {
     const tableOffset = Number(dir.readBigUInt64BE(pos));
@@ -250,12 +257,12 @@ export async function bitmapRanges(drv: Qcow2Driver, ext: Buffer): Promise<Array
     const nameSize = dir.readUInt16BE(pos + 18);
     const extraSize = dir.readUInt32BE(pos + 20);
     out.push({ offset: tableOffset, bytes: tableSize * 8, what: 'bitmap table' });
-    if (tableSize * 8 <= 64 * 1024 * 1024 && tableOffset + tableSize * 8 <= fileSize) {
+    if (tableSize * 8 <= MAX_TABLE_READ_BYTES && tableOffset + tableSize * 8 <= fileSize) {
       const t = Buffer.alloc(tableSize * 8);
-      await io.preadv(drv.file, tableOffset, t.length, [t]);
+      await io.preadv(img.file, tableOffset, t.length, [t]);
       for (let i = 0; i < tableSize; i++) {
         const off = readL1Entry(t, i).offset;
-        if (off) out.push({ offset: off, bytes: drv.clusterSize, what: 'bitmap data' });
+        if (off) out.push({ offset: off, bytes: img.clusterSize, what: 'bitmap data' });
       }
     }
     pos += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
@@ -263,25 +270,25 @@ export async function bitmapRanges(drv: Qcow2Driver, ext: Buffer): Promise<Array
   return out;
 }
 
-async function readCluster(drv: Qcow2Driver, offset: number): Promise<Buffer> {
-  const b = Buffer.alloc(drv.clusterSize);
-  await io.preadv(drv.file, offset, b.length, [b]);
+async function readCluster(img: Qcow2State, offset: number): Promise<Buffer> {
+  const b = Buffer.alloc(img.clusterSize);
+  await io.preadv(img.file, offset, b.length, [b]);
   return b;
 }
 
 /** Check the image; with `repair`, fix leaks ('leaks') or everything that can be fixed ('all'). */
-export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'): Promise<CheckResult> {
+export async function checkImage(img: Qcow2State, repair: RepairMode = 'none'): Promise<CheckResult> {
   const result: CheckResult = { corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [], imageEndOffset: 0, totalClusters: 0, allocatedClusters: 0, overlaps: 0 };
-  const cs = drv.clusterSize;
+  const cs = img.clusterSize;
   // Tables found overlapping at open: a repair would write through them.
-  const tableOverlap = drv.corrupt;
+  const tableOverlap = img.corruptReason;
   const notes = tableOverlap ? [`ERROR ${tableOverlap}`] : [];
-  if (repair !== 'none' && !drv.allowRepair()) {
+  if (repair !== 'none' && !img.allowRepair()) {
     notes.push(`Not repairing anything: ${tableOverlap ? 'metadata tables overlap' : 'the image is opened read-only'}`);
     repair = 'none';
   }
   for (let pass = 0; pass < 4; pass++) {
-    const w = await walk(drv);
+    const w = await walk(img);
     w.messages.unshift(...notes);
     if (tableOverlap) w.corruptions++;
     result.overlaps = w.overlaps;
@@ -291,7 +298,7 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
       w.messages.push(`Not repairing anything: ${w.overlaps} data clusters overlap metadata (qemu-img check -r all rebuilds the refcount structure)`);
       repair = 'none';
     }
-    const rc = drv.refcounts;
+    const rc = img.refcounts;
     let leaks = 0;
     let errors = 0;
     let fixes = 0;
@@ -373,9 +380,9 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
       }
       return reader ? reader(c % perBlock) : 0;
     };
-    const l1 = drv.l1Table;
-    const fileSize = Math.max(drv.file.size(), rc.fileEnd);
-    for (let i = 0; i < drv.header.l1Size; i++) {
+    const l1 = img.l1;
+    const fileSize = Math.max(img.file.size(), rc.fileEnd);
+    for (let i = 0; i < img.header.l1Size; i++) {
       const { offset, copied } = readL1Entry(l1, i);
       if (!offset || offset % cs || offset + cs > fileSize) continue;
       const one = (await refcountOf(offset / cs)) === 1;
@@ -383,31 +390,29 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
       errors++;
       if (repair === 'all') {
         writeL1Entry(l1, i, offset, one);
-        drv.markL1Dirty();
+        img.l1Dirty = true;
         result.corruptionsFixed++;
         fixes++;
       } else messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} refcount mismatch`);
     }
     for (const [tableCluster] of w.activeTables.entries()) {
       const tableOffset = tableCluster * cs;
-      const table = await drv.l2Cache.get(tableOffset);
+      const table = await img.l2Cache.get(tableOffset);
       let changed = false;
-      for (let j = 0; j < drv.l2Entries; j++) {
-        const e = readL2Entry(table, j, drv.extendedL2, drv.clusterBits);
+      for (let j = 0; j < img.l2Entries; j++) {
+        const e = readL2Entry(table, j, img.extendedL2, img.clusterBits);
         if (e.compressed || !e.host || e.host % cs || e.host + cs > fileSize) continue;
         const one = (await refcountOf(e.host / cs)) === 1;
         if (one === e.copied) continue;
         errors++;
         if (repair === 'all') {
-          const pos = j * (drv.extendedL2 ? 16 : 8);
-          const hi = table.readUInt32BE(pos);
-          table.writeUInt32BE((one ? hi | 0x80000000 : hi & 0x7fffffff) >>> 0, pos);
+          setL2Copied(table, j, img.extendedL2, one);
           changed = true;
           result.corruptionsFixed++;
           fixes++;
         } else messages.push(`ERROR OFLAG_COPIED data cluster: host offset ${e.host}`);
       }
-      if (changed) drv.l2Cache.markDirty(tableOffset, table);
+      if (changed) img.l2Cache.markDirty(tableOffset, table);
     }
     if (pass === 0) {
       result.leaks = leaks;
@@ -415,18 +420,18 @@ export async function checkImage(drv: Qcow2Driver, repair: RepairMode = 'none'):
     }
     result.messages = messages.done();
     result.allocatedClusters = w.counts.size;
-    result.totalClusters = Math.ceil(drv.size() / cs);
+    result.totalClusters = Math.ceil(img.size() / cs);
     result.imageEndOffset = (highest + 1) * cs;
     if (!fixes) break;
-    await drv.flush();
+    await flush(img);
     // Repairs can allocate refcount blocks: check again until nothing changes.
     if (result.leaksFixed + result.corruptionsFixed === fixesBefore) break;
   }
-  if (repair === 'all' && result.corruptions === result.corruptionsFixed) await drv.markConsistent();
+  if (repair === 'all' && result.corruptions === result.corruptionsFixed) await img.markConsistent();
   return result;
 }
 
 /** Rebuild refcounts (used on open when the dirty bit is set). */
-export async function repairImage(drv: Qcow2Driver, mode: RepairMode): Promise<CheckResult> {
-  return checkImage(drv, mode);
+export async function repairImage(img: Qcow2State, mode: RepairMode): Promise<CheckResult> {
+  return checkImage(img, mode);
 }

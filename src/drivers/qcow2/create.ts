@@ -6,8 +6,9 @@
  */
 import fs from 'node:fs/promises';
 import { VdiskError } from '../../errors.js';
-import { COMPAT_LAZY_REFCOUNTS, EXT_VDISK_OPTIONS, INCOMPAT_EXTL2, VDISK_OPT_COPY_ON_READ, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, serializeHeader, type Qcow2Header } from './header.js';
+import { COMPAT_LAZY_REFCOUNTS, EXT_VDISK_OPTIONS, INCOMPAT_EXTL2, VDISK_OPT_COPY_ON_READ, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MIN_CLUSTER_BITS, serializeHeader, type Qcow2Header } from './header.js';
 import { writeL1Entry, writeL2Entry } from './l2-entry.js';
+import { writeRefcount } from './refcount-entry.js';
 
 export interface Qcow2CreateOptions {
   size: number;
@@ -51,7 +52,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
   const l2Entries = cs / (o.extendedL2 ? 16 : 8);
   const dataClusters = Math.ceil(o.size / cs);
   const l1Size = Math.ceil(dataClusters / l2Entries);
-  if (l1Size * 8 > 32 * 1024 * 1024) throw new VdiskError('ERR_USAGE', `a ${o.size}-byte disk needs an L1 table over 32 MiB: use a larger cluster_size`);
+  if (l1Size * 8 > MAX_L1_BYTES) throw new VdiskError('ERR_USAGE', `a ${o.size}-byte disk needs an L1 table over ${MAX_L1_BYTES / 1024 / 1024} MiB: use a larger cluster_size`);
   const l1Clusters = Math.ceil((l1Size * 8) / cs);
   const prealloc = o.preallocation === 'metadata';
   const fixed = 1 + l1Clusters + (prealloc ? l1Size + dataClusters : 0);
@@ -68,7 +69,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
     blocks = b;
     tableClusters = t;
   }
-  if (tableClusters * cs > 8 * 1024 * 1024) throw new VdiskError('ERR_USAGE', 'the refcount table would exceed 8 MiB: use a larger cluster_size or fewer refcount bits');
+  if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new VdiskError('ERR_USAGE', `the refcount table would exceed ${MAX_REFTABLE_BYTES / 1024 / 1024} MiB: use a larger cluster_size or fewer refcount bits`);
   // Layout: header | refcount table | refcount blocks | L1 | (L2 tables | data clusters)
   const reftableAt = 1;
   const blocksAt = reftableAt + tableClusters;
@@ -108,14 +109,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions, ove
   /** Refcount block `b`: refcount 1 for every cluster the image uses. */
   const fillBlock = (block: Buffer, b: number) => {
     for (let c = b * entriesPerBlock; c < Math.min(total, (b + 1) * entriesPerBlock); c++) {
-      const i = c % entriesPerBlock;
-      // Refcount 1 in a big-endian entry of refcount_bits (sub-byte entries: least significant bits first).
-      if (o.refcountBits < 8) {
-        const bit = i * o.refcountBits;
-        block[bit >> 3]! |= 1 << (bit & 7);
-      } else {
-        block[(i + 1) * (o.refcountBits / 8) - 1] = 1;
-      }
+      writeRefcount(block, c % entriesPerBlock, o.refcountBits, 1);
     }
   };
   const l1 = Buffer.alloc(l1Clusters * cs);

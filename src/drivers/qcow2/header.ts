@@ -82,9 +82,10 @@ function u64(buf: Buffer, offset: number, what: string): number {
 }
 
 /**
- * Parse the header from the first cluster of the image (or at least its first
- * 4 KiB... the caller passes min(file size, cluster size) bytes once the
- * cluster size is known). `fileSize` bounds every offset.
+ * Parse the header from the start of the image: the caller passes the first
+ * min(file size, 2 MiB) bytes, which hold the whole first cluster at any
+ * cluster size (header extensions and the backing name live there).
+ * `fileSize` bounds every offset.
  */
 export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   if (buf.length < 72) throw corrupt(`file too short for a header (${buf.length} bytes)`);

@@ -90,6 +90,13 @@ export function writeL2Entry(
   }
 }
 
+/** Set or clear an L2 entry's COPIED flag, leaving every other bit as it is (repair). */
+export function setL2Copied(table: Buffer, index: number, extended: boolean, copied: boolean): void {
+  const pos = index * (extended ? 16 : 8);
+  const hi = table.readUInt32BE(pos);
+  table.writeUInt32BE((copied ? hi | COPIED : hi & ~COPIED) >>> 0, pos);
+}
+
 /** Kind of subcluster `sc` (always 0 without extended L2) of an entry. */
 export function subclusterKind(e: L2Entry, sc: number, extended: boolean): ClusterKind {
   if (e.compressed) return 'compressed';

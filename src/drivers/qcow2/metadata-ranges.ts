@@ -13,6 +13,7 @@
 import * as io from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { VdiskError } from '../../errors.js';
+import { MAX_L1_BYTES } from './header.js';
 import { readL1Entry } from './l2-entry.js';
 
 export type MetadataKind = 'header' | 'L1 table' | 'L2 table' | 'refcount table' | 'refcount block' | 'snapshot table' | 'snapshot L1 table';
@@ -235,7 +236,7 @@ async function* snapshotEntries(file: BlockNode, tableOffset: number, count: num
     const entry = {
       offset: Number(h.readBigUInt64BE(0) & 0x00fffffffffffe00n),
       // An absurd size is check's to report; here it would only cost memory.
-      l1Size: l1Size <= 4 * 1024 * 1024 ? l1Size : 0,
+      l1Size: l1Size * 8 <= MAX_L1_BYTES ? l1Size : 0,
       bytes: Math.ceil((40 + h.readUInt32BE(36) + h.readUInt16BE(12) + h.readUInt16BE(14)) / 8) * 8,
     };
     yield entry;

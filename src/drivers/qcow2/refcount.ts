@@ -18,6 +18,8 @@ import { VdiskError } from '../../errors.js';
 import { tracer } from '../../trace.js';
 import type { TableCache } from './table-cache.js';
 import type { MetadataRanges } from './metadata-ranges.js';
+import { MAX_REFTABLE_BYTES } from './header.js';
+import { readRefcount, writeRefcount } from './refcount-entry.js';
 
 const trace = tracer('qcow2');
 
@@ -102,49 +104,11 @@ export class Refcounts {
   }
 
   private readEntry(block: Buffer, i: number): number {
-    switch (this.bits) {
-      case 1:
-      case 2:
-      case 4: {
-        const bit = i * this.bits;
-        return (block[bit >> 3]! >> (bit & 7)) & (2 ** this.bits - 1);
-      }
-      case 8:
-        return block[i]!;
-      case 16:
-        return block.readUInt16BE(i * 2);
-      case 32:
-        return block.readUInt32BE(i * 4);
-      default: {
-        const v = block.readBigUInt64BE(i * 8);
-        if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: refcount ${v} is absurd`);
-        return Number(v);
-      }
-    }
+    return readRefcount(block, i, this.bits);
   }
 
   private writeEntry(block: Buffer, i: number, value: number): void {
-    switch (this.bits) {
-      case 1:
-      case 2:
-      case 4: {
-        const bit = i * this.bits;
-        const mask = (2 ** this.bits - 1) << (bit & 7);
-        block[bit >> 3] = (block[bit >> 3]! & ~mask) | ((value << (bit & 7)) & mask);
-        return;
-      }
-      case 8:
-        block[i] = value;
-        return;
-      case 16:
-        block.writeUInt16BE(value, i * 2);
-        return;
-      case 32:
-        block.writeUInt32BE(value, i * 4);
-        return;
-      default:
-        block.writeBigUInt64BE(BigInt(value), i * 8);
-    }
+    writeRefcount(block, i, this.bits, value);
   }
 
   /** Refcount of host cluster `cluster` (index, not offset). */
@@ -161,7 +125,8 @@ export class Refcounts {
   private async setExisting(cluster: number, value: number): Promise<void> {
     const t = Math.floor(cluster / this.entriesPerBlock);
     const off = this.blockOffset(t);
-    if (off === 0) throw new Error(`refcount block ${t} missing`);
+    // ensureBlock ran first: a missing block here is a bug of ours, reported like any EIO.
+    if (off === 0) throw new VdiskError('EIO', `qcow2: refcount block ${t} missing (ensureBlock was not called)`);
     const block = await this.cache.get(off);
     this.writeEntry(block, cluster % this.entriesPerBlock, value);
     this.cache.markDirty(off, block);
@@ -259,7 +224,7 @@ export class Refcounts {
     const perCluster = this.clusterSize / 8;
     const entries = Math.ceil(Math.max(minEntries, this.tableEntries * 2) / perCluster) * perCluster;
     const tableClusters = entries / perCluster;
-    if (tableClusters * this.clusterSize > 8 * 1024 * 1024) throw new VdiskError('ENOSPC', 'qcow2: the refcount table would exceed 8 MiB');
+    if (tableClusters * this.clusterSize > MAX_REFTABLE_BYTES) throw new VdiskError('ENOSPC', `qcow2: the refcount table would exceed ${MAX_REFTABLE_BYTES / 1024 / 1024} MiB`);
     const first = this.fileEnd / this.clusterSize;
     const newTable = Buffer.alloc(entries * 8);
     this.table.copy(newTable);
