@@ -1,7 +1,6 @@
 /** `vdisk create`: make a new image (raw, or qcow2 with an optional backing file). */
 import type { Argv } from 'yargs';
-import { FORMAT_NAMES, FORMATS } from '../drivers/registry.js';
-import { parseQcow2Options } from '../drivers/qcow2/create-options.js';
+import { FORMAT_NAMES, FORMATS, requireFormat } from '../drivers/registry.js';
 import { createImage } from '../create.js';
 import { VdiskError } from '../errors.js';
 import { formatSize } from './util.js';
@@ -38,14 +37,16 @@ export function createOptions(y: Argv): Argv<CreateArgs & HttpArgs> {
 }
 
 export async function runCreate(args: CreateArgs & HttpArgs): Promise<void> {
-  // Usage the library cannot see (it takes qcow2 options already parsed) is checked here, before anything else.
-  if (args.format === 'raw' && args.options.length && args.backing === undefined) throw new VdiskError('ERR_USAGE', 'raw images take no -o options');
+  const entry = requireFormat(args.format, args.file);
+  // -o is parsed here, before anything else (the library takes a format's options parsed, under its name);
+  // a backing file on a format without one is the library's to refuse first.
+  const formatOptions = args.backing !== undefined && !entry.create.backing ? {} : entry.create.parseOptions(args.options);
   const made = await createImage(args.file, {
     format: args.format,
     ...(args.size !== undefined ? { size: args.size } : {}),
     ...(args.backing !== undefined ? { backingFile: args.backing } : {}),
     ...(args['backing-format'] ? { backingFormat: args['backing-format'] } : {}),
-    ...(args.format === 'qcow2' ? { qcow2: parseQcow2Options(args.options) } : {}),
+    ...{ [entry.name]: formatOptions },
     overwrite: args.force,
     http: httpFromArgs(args),
   }).catch((err: unknown) => {

@@ -67,8 +67,10 @@ export interface FormatCreateSpec {
   optionsHelp?: string;
   /** The image can record a backing file (-b/-F). */
   backing: boolean;
-  /** Parse `-o` options (ERR_USAGE on a bad one) and check them against the size. */
-  parseOptions(list: string[], size: number): Record<string, unknown>;
+  /** Parse `vdisk create -o` options (ERR_USAGE on a bad one). */
+  parseOptions(list: string[]): Record<string, unknown>;
+  /** Check parsed options against the size (0: not known yet), before anything is written. */
+  validate(options: Record<string, unknown>, size: number): void;
   /** Write a new image of `size` at `path` (a fresh temporary file). */
   create(path: string, size: number, options: Record<string, unknown>, backing: { name: string; format: string } | null): Promise<void>;
 }

@@ -56,10 +56,9 @@ export const qcow2Format: FormatEntry = {
   create: {
     backing: true,
     optionsHelp: QCOW2_CREATE_HELP,
-    parseOptions(list, size) {
-      const options = parseQcow2Options(list);
-      validateCreateOptions({ ...options, size });
-      return options;
+    parseOptions: (list) => parseQcow2Options(list),
+    validate(options, size) {
+      validateCreateOptions({ ...(options as Omit<Qcow2CreateOptions, 'size'>), size });
     },
     create: (path, size, options, backing) =>
       createQcow2(path, { ...(options as Omit<Qcow2CreateOptions, 'size'>), size, ...(backing ? { backingFile: backing.name, backingFormat: backing.format } : {}) }, false),

@@ -27,6 +27,10 @@ export const rawFormat: FormatEntry = {
       if (list.length) throw new VdiskError('ERR_USAGE', 'raw images take no -o options');
       return {};
     },
+    validate(options, size) {
+      if (Object.keys(options).length) throw new VdiskError('ERR_USAGE', 'raw images take no options');
+      if (!Number.isSafeInteger(size) || size < 0) throw new VdiskError('ERR_USAGE', `bad size ${size}`);
+    },
     async create(path, size) {
       const fh = await fs.open(path, 'wx');
       try {
