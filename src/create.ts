@@ -6,8 +6,9 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { openImage, resolveBackingPath } from './block/open.js';
-import { createQcow2, validateCreateOptions, type Qcow2CreateOptions } from './drivers/qcow2/create.js';
+import { openImage, resolveBackingPath } from './drivers/chain.js';
+import type { Qcow2CreateOptions } from './drivers/qcow2/create.js';
+import { FORMAT_NAMES, FORMATS, formatEntry } from './drivers/registry.js';
 import type { HttpOptions } from './drivers/http/index.js';
 import { VdiskError } from './errors.js';
 import { formatSize } from './size-text.js';
@@ -43,58 +44,55 @@ export interface CreatedImage {
 
 /** Create an image file; fails with EEXIST if `file` exists (unless `overwrite`). */
 export async function createImage(file: string, options: CreateImageOptions = {}): Promise<CreatedImage> {
-  const format = options.format ?? 'raw';
+  const name = options.format ?? 'raw';
   const overwrite = Boolean(options.overwrite);
-  if (format === 'raw') {
-    if (options.backingFile !== undefined) throw new VdiskError('ERR_USAGE', 'raw images have no backing file (a qcow2 overlay has)');
-    if (options.qcow2 && Object.keys(options.qcow2).length) throw new VdiskError('ERR_USAGE', 'raw images take no qcow2 options');
-    if (options.size === undefined) throw new VdiskError('ERR_USAGE', 'a raw image needs a size');
-    if (!Number.isSafeInteger(options.size) || options.size < 0) throw new VdiskError('ERR_USAGE', `bad size ${options.size}`);
-    const size = options.size;
-    if (!overwrite && (await exists(file))) throw existsError(file);
-    await createAtomically(file, overwrite, async (tmp) => {
-      const fh = await fs.open(tmp, 'wx');
-      try {
-        await fh.truncate(size).catch((err: unknown) => {
-          throw tooLarge(err, file, size);
-        });
-      } finally {
-        await fh.close();
-      }
-    });
-    return { file, format, size };
+  const entry = formatEntry(name);
+  if (!entry) throw new VdiskError('ERR_IMAGE_FORMAT', `cannot create images of format '${name}' (supported: ${FORMAT_NAMES.join(', ')})`);
+  // A format's own options are under its name (options.qcow2); another format's are a mistake.
+  const byFormat = options as Record<string, unknown>;
+  for (const other of FORMATS) {
+    const given = byFormat[other.name] as Record<string, unknown> | undefined;
+    if (other !== entry && given && Object.keys(given).length) throw new VdiskError('ERR_USAGE', `${name} images take no ${other.name} options`);
   }
-  if (format !== 'qcow2') throw new VdiskError('ERR_IMAGE_FORMAT', `cannot create images of format '${format}' (supported: raw, qcow2)`);
-  const qcow2: Omit<Qcow2CreateOptions, 'size'> = { ...options.qcow2 };
-  validateCreateOptions({ ...qcow2, size: options.size ?? 0 });
+  const formatOptions: Record<string, unknown> = { ...(byFormat[name] as Record<string, unknown> | undefined) };
+  if (!entry.create.backing) {
+    if (options.backingFile !== undefined) throw new VdiskError('ERR_USAGE', `${name} images have no backing file (a ${BACKING_FORMATS} overlay has)`);
+    if (options.size === undefined) throw new VdiskError('ERR_USAGE', `a ${name} image needs a size`);
+  }
+  entry.create.validate(formatOptions, options.size ?? 0);
   if (!overwrite && (await exists(file))) throw existsError(file);
   let size = options.size;
+  let backing: { name: string; format: string } | null = null;
   if (options.backingFile !== undefined) {
     // The backing file must open (with the format we record) and gives the default size.
-    const backing = await openImage(resolveBackingPath(file, options.backingFile), {
+    const node = await openImage(resolveBackingPath(file, options.backingFile), {
       readOnly: true,
       http: options.http ?? {},
       ...(options.backingFormat ? { format: options.backingFormat } : {}),
     });
-    qcow2.backingFormat = options.backingFormat ?? backing.driver.formatName;
-    size ??= backing.size();
-    await backing.close();
-    qcow2.backingFile = options.backingFile;
+    backing = { name: options.backingFile, format: options.backingFormat ?? node.driver.formatName };
+    size ??= node.size();
+    await node.close();
   }
   if (size === undefined) throw new VdiskError('ERR_USAGE', 'a size is needed (or a backing file to take it from)');
-  const qcowSize = size;
+  const imageSize = size;
   await createAtomically(file, overwrite, async (tmp) => {
-    await createQcow2(tmp, { ...qcow2, size: qcowSize }, false).catch((err: unknown) => {
-      throw tooLarge(err, file, qcowSize);
+    await entry.create.create(tmp, imageSize, formatOptions, backing).catch((err: unknown) => {
+      throw tooLarge(err, file, imageSize);
     });
   });
   return {
     file,
-    format,
+    format: name as CreatedImage['format'],
     size,
-    ...(qcow2.backingFile !== undefined ? { backingFile: qcow2.backingFile, backingFormat: qcow2.backingFormat! } : {}),
+    ...(backing ? { backingFile: backing.name, backingFormat: backing.format } : {}),
   };
 }
+
+/** Formats that can record a backing file, for messages. */
+const BACKING_FORMATS = FORMATS.filter((f) => f.create.backing)
+  .map((f) => f.name)
+  .join(', ');
 
 /**
  * The new image is written to a temporary file next to the target and moved

@@ -19,7 +19,9 @@ import fs from 'node:fs/promises';
 import type { BlockNode, DetectZeroes, DiscardMode } from './block/node.js';
 import * as io from './block/io.js';
 import { blockStatus as nodeStatus, blockStatusAbove, type BlockStatus } from './block/block-status.js';
-import { chainOf as nodeChain, openImage as openChain, probeFormat as probeImageFormat, SUPPORTED_FORMATS } from './block/open.js';
+import { openImage as openChain, probeFormat as probeImageFormat } from './drivers/chain.js';
+import { chainOf as nodeChain } from './block/graph.js';
+import { FORMAT_NAMES } from './drivers/registry.js';
 import { createImage as createImageFile, type CreateImageOptions, type CreatedImage } from './create.js';
 import type { HttpOptions } from './drivers/http/index.js';
 import { imageStats as chainStats, type ImageStats } from './stats.js';
@@ -48,7 +50,7 @@ export type { StreamResult } from './jobs/stream.js';
 // Opening and creating images
 
 /** The image formats vdisk opens and creates. */
-export const IMAGE_FORMATS: readonly string[] = SUPPORTED_FORMATS;
+export const IMAGE_FORMATS: readonly string[] = FORMAT_NAMES;
 
 /** How to open an image chain; every field is optional. */
 export interface OpenImageOptions {

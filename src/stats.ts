@@ -1,6 +1,6 @@
 /** Counters of an open chain, as `vdisk mount --stats` prints them and the library API returns them. */
 import type { BlockNode, CopyOnReadStats } from './block/node.js';
-import { chainOf } from './block/open.js';
+import { chainOf } from './block/graph.js';
 import { HttpDriver, type HttpStats } from './drivers/http/index.js';
 
 /** What a chain's top node has done so far. */

@@ -54,6 +54,14 @@ export interface DriverBlockStatus {
   hostOffset?: number;
 }
 
+/** How a child node serves its parent (QEMU's child roles). */
+export type ChildRole = 'file' | 'backing' | 'filtered';
+
+export interface ChildLink {
+  role: ChildRole;
+  node: import('./node.js').BlockNode;
+}
+
 export interface BlockDriver {
   /** Format or protocol name as users write it: 'raw', 'qcow2', 'memory', 'blkdebug'. */
   readonly formatName: string;
@@ -93,5 +101,21 @@ export interface BlockDriver {
   truncate?(size: number): Promise<void>;
   /** Bytes of host storage the node really uses (st_blocks of the export). */
   allocatedBytes?(): Promise<number>;
+
+  /**
+   * Called once by the node that wraps this driver. The backing link lives on
+   * the node (graph.ts changes it); a driver that reads through its backing
+   * node reaches it here, never through a copy of its own.
+   */
+  attach?(node: import('./node.js').BlockNode): void;
+  /** The nodes this driver reads or writes through, other than the backing node (a format's host file, a filter's child). */
+  children?(): ChildLink[];
+  /**
+   * Record another backing file in the image (null: none). Only the image's
+   * metadata changes; the graph's link is graph.ts's to change.
+   */
+  changeBackingFile?(name: string | null, format: string | null): Promise<void>;
+  /** Switch between read-only and read-write (graph.ts reopen: a commit job writes into a backing node). */
+  reopen?(readOnly: boolean): Promise<void>;
   close(): Promise<void>;
 }

@@ -4,10 +4,10 @@
  * link and per-node policy). Chains are top -> backing -> ...; nothing assumes
  * a chain of one.
  */
-import type { BlockDriver, BlockLimits } from './driver.js';
+import type { BlockDriver, BlockLimits, ChildLink } from './driver.js';
 import { resolveLimits } from './limits.js';
 import { RequestTracker } from './tracked-requests.js';
-import { VdiskError } from '../errors.js';
+import { VdiskError, notSupported } from '../errors.js';
 
 export type DetectZeroes = 'off' | 'on' | 'unmap';
 export type DiscardMode = 'ignore' | 'unmap';
@@ -76,10 +76,17 @@ export class BlockNode {
     this.detectZeroes = options.detectZeroes ?? 'off';
     this.discard = options.discard ?? 'unmap';
     this.copyOnRead = options.copyOnRead ?? false;
+    driver.attach?.(this);
     const size = driver.size();
     if (size % this.limits.requestAlignment !== 0) {
       throw new VdiskError('EINVAL', `${this.name}: size ${size} is not a multiple of its request alignment`);
     }
+  }
+
+  /** Every node below this one, with the role it plays: the driver's own children, then the backing node. */
+  children(): ChildLink[] {
+    const out = this.driver.children?.() ?? [];
+    return this.backing ? [...out, { role: 'backing', node: this.backing }] : out;
   }
 
   get readOnly(): boolean {
@@ -116,6 +123,25 @@ export class BlockNode {
   drain(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /**
+   * Change the size of the node's storage (a protocol node under a format).
+   * Counted as a request in flight, so a drain waits for it.
+   */
+  async truncate(size: number): Promise<void> {
+    if (!this.driver.truncate) throw notSupported(`truncate on ${this.name}`);
+    this.incInFlight();
+    try {
+      await this.driver.truncate(size);
+    } finally {
+      this.decInFlight();
+    }
+  }
+
+  /** Bytes of host storage the node uses (st_blocks); its size when the driver cannot tell. */
+  async allocatedBytes(): Promise<number> {
+    return (await this.driver.allocatedBytes?.()) ?? this.size();
   }
 
   /** Drain, close the driver, then the backing chain below. */

@@ -1,15 +1,20 @@
 /**
- * Format probing: which format an image's first bytes name. Used to pick the
- * format of an image given without -f, and by the guard on a probed raw image
- * (probed-raw.ts), which must never let a write make the image probe as
- * something else.
+ * Format probing: which format an image's first bytes name. The formats vdisk
+ * opens declare their magic in the driver registry (drivers/registry.ts); the
+ * ones here are formats it does not open but must still recognise, so that a
+ * probe never takes such an image for raw and the guard on a probed raw image
+ * (probed-raw.ts) never lets a write turn the image into one.
  */
 
 /** Bytes of an image the probe looks at: the first sector, as QEMU's raw driver guards. */
 export const PROBE_BYTES = 512;
 
-const MAGICS: Array<{ format: string; magic: Buffer }> = [
-  { format: 'qcow2', magic: Buffer.from([0x51, 0x46, 0x49, 0xfb]) },
+export interface Magic {
+  format: string;
+  magic: Buffer;
+}
+
+export const FOREIGN_MAGICS: readonly Magic[] = [
   { format: 'qed', magic: Buffer.from('QED\0', 'latin1') },
   { format: 'vmdk', magic: Buffer.from('KDMV', 'latin1') },
   // VMware 3 sparse (QEMU's vmdk driver reads it too).
@@ -17,9 +22,9 @@ const MAGICS: Array<{ format: string; magic: Buffer }> = [
   { format: 'vdi', magic: Buffer.from('<<< ', 'latin1') },
 ];
 
-/** The format named by an image's first bytes (up to PROBE_BYTES of them); 'raw' when none matches. */
-export function probeHead(head: Buffer): string {
-  const magic = MAGICS.find((m) => head.subarray(0, m.magic.length).equals(m.magic))?.format;
+/** The format whose magic starts `head` (up to PROBE_BYTES of it), or a text VMDK descriptor; 'raw' when none matches. */
+export function matchMagic(head: Buffer, magics: readonly Magic[]): string {
+  const magic = magics.find((m) => head.subarray(0, m.magic.length).equals(m.magic))?.format;
   if (magic) return magic;
   return isVmdkDescriptor(head) ? 'vmdk' : 'raw';
 }

@@ -1,6 +1,6 @@
 /** `vdisk check`: refcount consistency, leaks and corruptions of a qcow2 image; optional repair. */
 import type { Argv } from 'yargs';
-import { openImage } from '../block/open.js';
+import { openImage } from '../drivers/chain.js';
 import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import type { RepairMode } from '../drivers/qcow2/check.js';
 import { VdiskError } from '../errors.js';

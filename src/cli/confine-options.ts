@@ -1,7 +1,7 @@
 /** --backing-confine and --allow-remote, for every command that opens an image chain. */
 import fs from 'node:fs';
 import type { Argv } from 'yargs';
-import type { OpenOptions } from '../block/open.js';
+import type { OpenOptions } from '../drivers/chain.js';
 import { VdiskError } from '../errors.js';
 
 export interface ConfineArgs {

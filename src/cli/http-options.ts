@@ -1,6 +1,6 @@
 /** Command-line options for images read over HTTP(S), shared by the commands that open images. */
 import type { Argv } from 'yargs';
-import type { OpenOptions } from '../block/open.js';
+import type { OpenOptions } from '../drivers/chain.js';
 import type { HttpOptions } from '../drivers/http/index.js';
 import { VdiskError } from '../errors.js';
 import { OPTION_NUMBERS, coerceWith } from './numbers.js';

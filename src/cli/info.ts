@@ -1,11 +1,12 @@
 /** `vdisk info`: what an image is, and what it stands on. */
 import type { Argv } from 'yargs';
+import { FORMAT_NAMES } from '../drivers/registry.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
-import { chainOf, openImage } from '../block/open.js';
+import { openImage } from '../drivers/chain.js';
+import { chainOf } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { Qcow2Driver } from '../drivers/qcow2/index.js';
-import { featureNames } from '../drivers/qcow2/header.js';
+import { formatEntry } from '../drivers/registry.js';
 import { displayName } from '../drivers/http/url.js';
 import { formatSize } from './util.js';
 
@@ -20,8 +21,8 @@ export interface InfoArgs {
 export function infoOptions(y: Argv): Argv<InfoArgs & HttpArgs & ConfineArgs> {
   return withConfineOptions(withHttpOptions(y))
     .positional('file', { type: 'string', demandOption: true })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES, describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
     .option('backing-chain', { type: 'boolean', default: false, describe: 'describe every image of the chain' }) as unknown as Argv<InfoArgs & HttpArgs & ConfineArgs>;
 }
@@ -36,6 +37,8 @@ export interface ImageInfo {
   'backing-filename-format'?: string;
   'full-backing-filename'?: string;
   'format-specific'?: { type: string; data: Record<string, unknown> };
+  /** With --backing-chain: the nodes under this one and their roles (a format's host file, the backing image). */
+  children?: Array<{ role: string; filename: string; format: string }>;
 }
 
 export async function describeNode(node: BlockNode): Promise<ImageInfo> {
@@ -43,32 +46,23 @@ export async function describeNode(node: BlockNode): Promise<ImageInfo> {
     filename: node.name,
     format: node.driver.formatName,
     'virtual-size': node.size(),
-    'actual-size': (await node.driver.allocatedBytes?.()) ?? node.size(),
+    'actual-size': await node.allocatedBytes(),
   };
-  if (node.driver instanceof Qcow2Driver) {
-    const h = node.driver.header;
-    info['cluster-size'] = node.driver.clusterSize;
-    if (h.backingFile !== null) {
-      // A URL may carry credentials or a signed query: never show those.
-      info['backing-filename'] = displayName(h.backingFile);
-      if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
-      if (node.backing) info['full-backing-filename'] = node.backing.name;
-    }
-    info['format-specific'] = {
-      type: 'qcow2',
-      data: {
-        compat: h.version === 2 ? '0.10' : '1.1',
-        'refcount-bits': 2 ** h.refcountOrder,
-        'extended-l2': node.driver.extendedL2,
-        'lazy-refcounts': featureNames(h).includes('lazy-refcounts'),
-        corrupt: featureNames(h).includes('corrupt'),
-        'compression-type': h.compressionType === 0 ? 'zlib' : 'zstd',
-        features: featureNames(h),
-        snapshots: h.nbSnapshots,
-      },
-    };
+  const d = formatEntry(node.driver.formatName)?.describe?.(node.driver);
+  if (d?.clusterSize) info['cluster-size'] = d.clusterSize;
+  if (d?.backingFile) {
+    // A URL may carry credentials or a signed query: never show those.
+    info['backing-filename'] = displayName(d.backingFile.name);
+    if (d.backingFile.format) info['backing-filename-format'] = d.backingFile.format;
+    if (node.backing) info['full-backing-filename'] = node.backing.name;
   }
+  if (d?.specific) info['format-specific'] = { type: node.driver.formatName, data: d.specific };
   return info;
+}
+
+/** The child links of `node`, named as messages name nodes (no URL secrets). */
+function childrenOf(node: BlockNode): NonNullable<ImageInfo['children']> {
+  return node.children().map((c) => ({ role: c.role, filename: displayName(c.node.name), format: c.node.driver.formatName }));
 }
 
 function human(info: ImageInfo): string {
@@ -94,6 +88,7 @@ export async function runInfo(args: InfoArgs & HttpArgs & ConfineArgs): Promise<
   try {
     const nodes = args['backing-chain'] ? chainOf(node) : [node];
     const infos = await Promise.all(nodes.map(describeNode));
+    if (args['backing-chain']) nodes.forEach((n, i) => (infos[i]!.children = childrenOf(n)));
     if (args.output === 'json') {
       process.stdout.write(`${JSON.stringify(args['backing-chain'] ? infos : infos[0], null, 2)}\n`);
     } else {

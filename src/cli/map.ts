@@ -1,10 +1,11 @@
 /** `vdisk map`: which ranges hold data, read as zero, and which node holds them (like `qemu-img map`). */
 import type { Argv } from 'yargs';
+import { FORMAT_NAMES } from '../drivers/registry.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { blockStatusAbove } from '../block/block-status.js';
 import type { BlockNode } from '../block/node.js';
-import { openImage } from '../block/open.js';
+import { openImage } from '../drivers/chain.js';
 
 export interface MapArgs {
   file: string;
@@ -26,8 +27,8 @@ export interface MapEntry {
 export function mapOptions(y: Argv): Argv<MapArgs & HttpArgs & ConfineArgs> {
   return withConfineOptions(withHttpOptions(y))
     .positional('file', { type: 'string', demandOption: true })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'] })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const }) as unknown as Argv<MapArgs & HttpArgs & ConfineArgs>;
 }
 

@@ -1,6 +1,7 @@
 /** `vdisk mount`: serve an image as one file until Ctrl-C or `vdisk unmount`. */
 import type { Argv } from 'yargs';
-import { openImage } from '../block/open.js';
+import { FORMAT_NAMES } from '../drivers/registry.js';
+import { openImage } from '../drivers/chain.js';
 import { FuseExport } from '../export/fuse-export.js';
 import { BlockNode } from '../block/node.js';
 import { BlkdebugDriver, type BlkdebugOp, type BlkdebugRule } from '../drivers/blkdebug.js';
@@ -10,7 +11,6 @@ import { OPTION_NUMBERS, coerceWith, parseInteger, parseSize } from './numbers.j
 import fs from 'node:fs/promises';
 import { imageStats } from '../stats.js';
 import { displayName } from '../drivers/http/url.js';
-import { Qcow2Driver } from '../drivers/qcow2/index.js';
 import { ControlServer } from '../export/control.js';
 import { checkMountpoint } from '../export/mountpoint.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
@@ -69,8 +69,8 @@ export function mountOptions(y: Argv): Argv<MountArgs & HttpArgs & ConfineArgs> 
   return withConfineOptions(withHttpOptions(y))
     .positional('image', { type: 'string', demandOption: true, describe: 'disk image to serve' })
     .positional('mountpoint', { type: 'string', demandOption: true, describe: 'an existing regular file; it shows the disk while mounted' })
-    .option('format', { alias: 'f', type: 'string', choices: ['raw', 'qcow2'], describe: 'image format (probed when absent)' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name (never probed as raw)' })
+    .option('format', { alias: 'f', type: 'string', choices: FORMAT_NAMES, describe: 'image format (probed when absent)' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name (never probed as raw)' })
     .option('l2-cache-size', { type: 'string', coerce: coerceWith('--l2-cache-size', OPTION_NUMBERS.l2CacheBytes), describe: 'qcow2: memory for cached L2 tables (default 4M)' })
     .option('read-only', { alias: 'r', type: 'boolean', default: false, describe: 'refuse writes (EROFS); opens the image read-only' })
     .option('allow-other', { type: 'boolean', default: false, describe: 'let other users open the file (mode 0644 instead of 0600)' })
@@ -142,7 +142,8 @@ export async function runMount(args: MountArgs & HttpArgs & ConfineArgs): Promis
 
   // Other vdisk commands (stream, jobs, job) reach this process through its control socket, named by the image or the mountpoint.
   let control: ControlServer | null = null;
-  if (image.driver instanceof Qcow2Driver && !image.readOnly) {
+  // Jobs (stream so far) need an image that can stop naming its backing file, opened writable.
+  if (image.driver.changeBackingFile && !image.readOnly) {
     control = await ControlServer.start(image, [await fs.realpath(args.image), exp.mountpoint]).catch((err: unknown) => {
       process.stderr.write(`vdisk: warning: no control socket (${codeOf(err)}: ${(err as Error).message}); vdisk stream and vdisk jobs cannot reach this mount\n`);
       return null;

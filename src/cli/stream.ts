@@ -1,7 +1,8 @@
 /** `vdisk stream`: pull everything an image still takes from its backing chain into it, as a job. */
 import fs from 'node:fs/promises';
 import type { Argv } from 'yargs';
-import { openImage } from '../block/open.js';
+import { FORMAT_NAMES } from '../drivers/registry.js';
+import { openImage } from '../drivers/chain.js';
 import { connectControl } from '../export/control.js';
 import { JobRunner } from '../jobs/runner.js';
 import { startStream, type StreamProgress, type StreamResult } from '../jobs/stream.js';
@@ -28,7 +29,7 @@ export function streamOptions(y: Argv): Argv<StreamArgs & HttpArgs & ConfineArgs
     .option('drop-backing', { type: 'boolean', default: false, describe: 'when complete, remove the backing link so the image stands alone' })
     .option('progress', { alias: 'p', type: 'boolean', default: false, describe: 'show a progress bar and the rate (with --output json: progress event lines on stderr)' })
     .option('rate-limit', { type: 'string', coerce: coerceWith('--rate-limit', OPTION_NUMBERS.rateLimit), describe: 'copy at most this many bytes per second (e.g. 20M); 0: no limit' })
-    .option('backing-format', { alias: 'F', type: 'string', choices: ['raw', 'qcow2'], describe: 'format of a backing file the image does not name' })
+    .option('backing-format', { alias: 'F', type: 'string', choices: FORMAT_NAMES, describe: 'format of a backing file the image does not name' })
     .option('output', { choices: ['human', 'json'] as const, default: 'human' as const })
     .epilogue(
       'Ctrl-C stops the job; running it again resumes where it stopped. On a mounted image the mount process runs the job: `vdisk jobs` lists it, `vdisk job pause|resume|cancel ID` acts on it.',

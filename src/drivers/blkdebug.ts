@@ -4,7 +4,7 @@
  * delay them, so error paths are tested for real. Everything else passes
  * through to the child node via the request layer.
  */
-import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.js';
+import type { BlockDriver, ChildLink, DriverBlockStatus, ZeroFlags } from '../block/driver.js';
 import type { BlockNode } from '../block/node.js';
 import * as io from '../block/io.js';
 import { blockStatus } from '../block/block-status.js';
@@ -55,8 +55,11 @@ export class BlkdebugDriver implements BlockDriver {
   }
 
   async truncate(size: number): Promise<void> {
-    if (!this.child.driver.truncate) throw notSupported(`truncate on ${this.child.name}`);
-    await this.child.driver.truncate(size);
+    await this.child.truncate(size);
+  }
+
+  children(): ChildLink[] {
+    return [{ role: 'filtered', node: this.child }];
   }
 
   addRule(rule: BlkdebugRule): void {
@@ -114,7 +117,7 @@ export class BlkdebugDriver implements BlockDriver {
   }
 
   async allocatedBytes(): Promise<number> {
-    return (await this.child.driver.allocatedBytes?.()) ?? 0;
+    return this.child.allocatedBytes();
   }
 
   async close(): Promise<void> {

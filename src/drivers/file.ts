@@ -75,10 +75,37 @@ function iovAdvance(iov: Buffer[], n: number): Buffer[] {
   return out;
 }
 
+/** Open `path` (mapping host errors to ours) and, for writing, take the one-writer lock. */
+async function openLocked(path: string, readOnly: boolean, allowBlockDevice?: boolean): Promise<{ fd: number; size: number; blockDevice: boolean }> {
+  let opened: { fd: number; size: number; blockDevice: boolean };
+  try {
+    // A FIFO or device is refused without blocking in open() (ERR_NOT_A_FILE).
+    opened = await openRegularFile(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, allowBlockDevice);
+  } catch (err) {
+    if (err instanceof VdiskError) throw err;
+    const code = (err as { code?: string }).code;
+    if (code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`, { cause: err });
+    if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${path}${readOnly ? '' : ' for writing'}: permission denied`, { cause: err });
+    // O_EXCL on a block device: the kernel has it mounted, or another opener holds it exclusively.
+    if (code === 'EBUSY') throw new VdiskError('EBUSY', `${path} is in use (a mounted block device?)`, { cause: err });
+    if (code === 'EROFS') throw new VdiskError('EROFS', `${path} is on a read-only filesystem (use --read-only)`, { cause: err });
+    throw err;
+  }
+  // One writer at a time: a second process writing the same image would corrupt it.
+  const locked = readOnly ? 0 : native().flockExclusive(opened.fd);
+  if (locked === -osConstants.errno.EWOULDBLOCK) {
+    fs.closeSync(opened.fd);
+    throw new VdiskError('EBUSY', `${path} is in use by another process (mounted? vdisk stream works on mounted images)`);
+  }
+  // A filesystem without locks (ENOLCK on some NFS) is no reason to refuse the image.
+  if (locked !== 0) trace('no lock on %s (errno %d): a second writer would not be refused', path, -locked);
+  return opened;
+}
+
 export class FileDriver implements BlockDriver {
   readonly formatName = 'raw';
   readonly limits = { requestAlignment: 1, maxTransfer: 64 * 1024 * 1024 };
-  readonly readOnly: boolean;
+  readOnly: boolean;
   readonly growable: boolean;
   /** A punched hole reads as zero (pdiscard fails with ENOTSUP where holes cannot be punched). */
   readonly discardLeaves = 'zero';
@@ -107,32 +134,24 @@ export class FileDriver implements BlockDriver {
 
   static async open(path: string, options: FileOpenOptions = {}): Promise<FileDriver> {
     const readOnly = options.readOnly ?? false;
-    let fd: number;
-    let size: number;
-    let blockDevice: boolean;
-    try {
-      // A FIFO or device is refused without blocking in open() (ERR_NOT_A_FILE).
-      ({ fd, size, blockDevice } = await openRegularFile(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR, options.allowBlockDevice));
-    } catch (err) {
-      if (err instanceof VdiskError) throw err;
-      const code = (err as { code?: string }).code;
-      if (code === 'ENOENT') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${path}`, { cause: err });
-      if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${path}${readOnly ? '' : ' for writing'}: permission denied`, { cause: err });
-      // O_EXCL on a block device: the kernel has it mounted, or another opener holds it exclusively.
-      if (code === 'EBUSY') throw new VdiskError('EBUSY', `${path} is in use (a mounted block device?)`, { cause: err });
-      if (code === 'EROFS') throw new VdiskError('EROFS', `${path} is on a read-only filesystem (use --read-only)`, { cause: err });
-      throw err;
-    }
-    // One writer at a time: a second process writing the same image would corrupt it.
-    const locked = readOnly ? 0 : native().flockExclusive(fd);
-    if (locked === -osConstants.errno.EWOULDBLOCK) {
-      fs.closeSync(fd);
-      throw new VdiskError('EBUSY', `${path} is in use by another process (mounted? vdisk stream works on mounted images)`);
-    }
-    // A filesystem without locks (ENOLCK on some NFS) is no reason to refuse the image.
-    if (locked !== 0) trace('no lock on %s (errno %d): a second writer would not be refused', path, -locked);
+    const { fd, size, blockDevice } = await openLocked(path, readOnly, options.allowBlockDevice);
     trace('open path=%s size=%d readOnly=%s blockDevice=%s', path, size, readOnly, blockDevice);
     return new FileDriver(path, fd, size, readOnly, !blockDevice && (options.growable ?? false), blockDevice);
+  }
+
+  /**
+   * Open the file again read-write (taking the writer's lock) or read-only
+   * (giving it up), then let the old descriptor go. The node is drained
+   * (graph.ts reopen): no request holds the old descriptor.
+   */
+  async reopen(readOnly: boolean): Promise<void> {
+    if (this.fd < 0) throw new VdiskError('EIO', `${this.path} is closed`);
+    const { fd } = await openLocked(this.path, readOnly, this.blockDevice);
+    const old = this.fd;
+    this.fd = fd;
+    this.readOnly = readOnly;
+    await new Promise<void>((resolve) => fs.close(old, () => resolve()));
+    trace('reopen path=%s readOnly=%s', this.path, readOnly);
   }
 
   size(): number {

@@ -27,7 +27,7 @@ export class MemoryDriver implements BlockDriver {
   readonly formatName = 'memory';
   readonly limits: Partial<BlockLimits>;
   readonly discardLeaves: 'zero' | 'unallocated';
-  readonly readOnly: boolean;
+  readOnly: boolean;
   private readonly bytes: number;
   private readonly chunks = new Map<number, Buffer>();
   private readonly options: MemoryOptions;
@@ -47,6 +47,10 @@ export class MemoryDriver implements BlockDriver {
 
   size(): number {
     return this.bytes;
+  }
+
+  async reopen(readOnly: boolean): Promise<void> {
+    this.readOnly = readOnly;
   }
 
   private checkAligned(op: string, offset: number, bytes: number): void {

@@ -12,7 +12,7 @@
  * neither would have made alone.
  */
 import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.js';
-import { PROBE_BYTES, probeHead } from '../block/probe.js';
+import { PROBE_BYTES } from '../block/probe.js';
 import { VdiskError, notSupported } from '../errors.js';
 import { tracer } from '../trace.js';
 
@@ -22,6 +22,8 @@ export class ProbedRawDriver implements BlockDriver {
   readonly formatName = 'raw';
   readonly inner: BlockDriver;
   private readonly name: string;
+  /** The registry's probe: every format it knows, opened or not (registry.ts). */
+  private readonly probeHead: (head: Buffer) => string;
   /** The tail of the chain of requests touching the first sector. */
   private headLock: Promise<void> = Promise.resolve();
 
@@ -32,9 +34,10 @@ export class ProbedRawDriver implements BlockDriver {
   mayAllocate?: (offset: number, bytes: number) => boolean;
 
   /** `name`: the image as messages show it. */
-  constructor(inner: BlockDriver, name: string) {
+  constructor(inner: BlockDriver, name: string, probeHead: (head: Buffer) => string) {
     this.inner = inner;
     this.name = name;
+    this.probeHead = probeHead;
     // What the file driver has, this one has; what it lacks stays absent (the request layer's fallback signal).
     if (inner.blockStatus) this.blockStatus = (offset, bytes) => inner.blockStatus!(offset, bytes);
     if (inner.flush) this.flush = () => inner.flush!();
@@ -115,7 +118,7 @@ export class ProbedRawDriver implements BlockDriver {
       // A request covering the whole sector needs nothing of what was there.
       if (offset > 0 || end < window) await this.inner.preadv(0, window, [head]);
       apply(head, offset, end);
-      const format = probeHead(head);
+      const format = this.probeHead(head);
       if (format !== 'raw') {
         trace('refused %s offset=%d bytes=%d: the first sector would probe as %s', op, offset, bytes, format);
         throw new VdiskError(

@@ -23,6 +23,7 @@
  */
 import { constants as fsConstants } from 'node:fs';
 import type { BlockNode } from '../block/node.js';
+import { NodeRoot } from '../block/graph.js';
 import * as io from '../block/io.js';
 import { BufferPool } from '../block/buffer-pool.js';
 import { blockStatusAbove } from '../block/block-status.js';
@@ -99,7 +100,8 @@ export interface ExportStats {
 type Reply = () => void | Promise<void>;
 
 export class FuseExport {
-  readonly node: BlockNode;
+  /** Every request enters through the root, so the node under the export can be swapped (graph.ts replaceNode). */
+  readonly root: NodeRoot;
   readonly mountpoint: string;
   readonly stats: ExportStats = { reads: 0, bytesRead: 0, writes: 0, bytesWritten: 0, errors: 0 };
   /** Resolves when the kernel ends the session (unmounted or aborted). */
@@ -121,7 +123,7 @@ export class FuseExport {
   private ctimeMs = this.mtimeMs;
 
   private constructor(node: BlockNode, options: ExportOptions) {
-    this.node = node;
+    this.root = new NodeRoot(node);
     this.options = options;
     this.mountpoint = options.mountpoint;
     this.addon = native();
@@ -148,6 +150,11 @@ export class FuseExport {
       trace('readahead not raised: %s', (err as Error).message);
     }
     return exp;
+  }
+
+  /** The node the export serves now. */
+  get node(): BlockNode {
+    return this.root.node;
   }
 
   private get readOnly(): boolean {
@@ -229,23 +236,23 @@ export class FuseExport {
    */
   private serve(req: FuseReq, op: string, work: () => Promise<Reply>): void {
     this.inFlight++;
-    let pending: Promise<Reply>;
-    try {
-      pending = work();
-    } catch (err) {
-      pending = Promise.reject(err);
-    }
-    pending
-      .then(
-        (reply) => reply(),
-        (err: unknown) => {
+    // Through the root: a drain holds new requests back, and an answer goes
+    // out before the node under the export can change (replaceNode).
+    this.root
+      .run(async () => {
+        let reply: Reply;
+        try {
+          reply = await work();
+        } catch (err) {
           const errno = errnoOf(err);
           if (errno !== E.ENXIO) this.stats.errors++;
           trace('%s failed errno=%d: %s', op, errno, (err as Error)?.message);
           if (errno === E.EIO) process.stderr.write(`vdisk: ${op} failed: ${(err as Error)?.message ?? err}\n`);
           this.addon.replyErr(req, errno);
-        },
-      )
+          return;
+        }
+        await reply();
+      })
       .catch((err: unknown) => this.answerAfterFailure(req, op, err))
       .finally(() => {
         if (--this.inFlight === 0 && this.idleWaiters.length) {
@@ -279,7 +286,7 @@ export class FuseExport {
 
   private async attrReply(req: FuseReq): Promise<Reply> {
     const size = this.node.size();
-    const allocated = (await this.node.driver.allocatedBytes?.()) ?? size;
+    const allocated = await this.node.allocatedBytes();
     const blksize = Math.max(4096, this.node.limits.requestAlignment);
     const attr = [size, Math.ceil(allocated / 512), blksize, this.mode, this.uid, this.gid, this.mtimeMs, this.mtimeMs, this.ctimeMs];
     // Timeout 0: st_blocks moves with every write and punch, and `du` must see it.
@@ -288,7 +295,6 @@ export class FuseExport {
 
   private handlers() {
     const addon = this.addon;
-    const node = this.node;
     return {
       getattr: (req: FuseReq) => this.serve(req, 'getattr', () => this.attrReply(req)),
 
@@ -296,7 +302,7 @@ export class FuseExport {
         this.serve(req, 'setattr', async () => {
           if (toSet & SET_ATTR_SIZE) {
             if (this.readOnly) this.fail('EROFS', 'read-only export');
-            if (size !== node.size()) this.fail('EINVAL', `the disk has a fixed size of ${node.size()} bytes; truncate to ${size} refused`);
+            if (size !== this.node.size()) this.fail('EINVAL', `the disk has a fixed size of ${this.node.size()} bytes; truncate to ${size} refused`);
           }
           if (toSet & SET_ATTR_MODE) this.mode = fsConstants.S_IFREG | (mode & 0o7777);
           if (toSet & SET_ATTR_UID) this.uid = uid;
@@ -318,11 +324,11 @@ export class FuseExport {
 
       read: (req: FuseReq, offset: number, size: number) =>
         this.serve(req, 'read', async () => {
-          const bytes = Math.max(0, Math.min(size, node.size() - offset));
+          const bytes = Math.max(0, Math.min(size, this.node.size() - offset));
           if (bytes === 0) return () => addon.replyRead(req, []);
           const buf = this.readBuffers.take(bytes);
           try {
-            await io.preadv(node, offset, bytes, [buf]);
+            await io.preadv(this.node, offset, bytes, [buf]);
           } catch (err) {
             this.readBuffers.give(buf);
             throw err;
@@ -345,10 +351,10 @@ export class FuseExport {
       write: (req: FuseReq, offset: number, data: Buffer) =>
         this.serve(req, 'write', async () => {
           if (this.readOnly) this.fail('EROFS', 'read-only export');
-          const size = node.size();
+          const size = this.node.size();
           if (offset >= size) this.fail('ENOSPC', `write at ${offset} is past the end of the disk (${size} bytes)`);
           const bytes = Math.min(data.length, size - offset);
-          await io.pwritev(node, offset, bytes, [bytes === data.length ? data : data.subarray(0, bytes)]);
+          await io.pwritev(this.node, offset, bytes, [bytes === data.length ? data : data.subarray(0, bytes)]);
           this.stats.writes++;
           this.stats.bytesWritten += bytes;
           this.mtimeMs = this.ctimeMs = Date.now();
@@ -360,7 +366,7 @@ export class FuseExport {
 
       fsync: (req: FuseReq) =>
         this.serve(req, 'fsync', async () => {
-          await io.flush(node);
+          await io.flush(this.node);
           return () => addon.replyErr(req, 0);
         }),
 
@@ -379,8 +385,8 @@ export class FuseExport {
       statfs: (req: FuseReq) =>
         this.serve(req, 'statfs', async () => {
           const bsize = 4096;
-          const blocks = Math.ceil(node.size() / bsize);
-          const used = Math.ceil(((await node.driver.allocatedBytes?.()) ?? node.size()) / bsize);
+          const blocks = Math.ceil(this.node.size() / bsize);
+          const used = Math.ceil((await this.node.allocatedBytes()) / bsize);
           const free = Math.max(0, blocks - used);
           return () => addon.replyStatfs(req, [bsize, blocks, free, free, 1, 0, 255]);
         }),

@@ -8,7 +8,7 @@
 import type { BlockNode } from '../block/node.js';
 import * as io from '../block/io.js';
 import { blockStatus } from '../block/block-status.js';
-import { Qcow2Driver } from '../drivers/qcow2/index.js';
+import { changeBackingFile } from '../block/graph.js';
 import { VdiskError } from '../errors.js';
 import { tracer } from '../trace.js';
 import type { Job } from './job.js';
@@ -49,7 +49,8 @@ export const STREAM_JOB = 'stream';
  * restarted right after Ctrl-C starts when the old one has stopped.
  */
 export function startStream(runner: JobRunner, top: BlockNode, options: StreamOptions = {}): Job<StreamResult> {
-  if (!(top.driver instanceof Qcow2Driver)) throw new VdiskError('ERR_IMAGE_FORMAT', 'stream works on qcow2 images');
+  // Streaming is for images that stand on a backing file and can stop naming it.
+  if (!top.driver.changeBackingFile) throw new VdiskError('ERR_IMAGE_FORMAT', `stream works on images with a backing file (${top.driver.formatName} has none)`);
   const others = runner.live().filter((j) => j.type === STREAM_JOB && j.target === top.name);
   const running = others.find((j) => !j.cancelled);
   if (running) throw new VdiskError('EBUSY', `a stream job is already running on this image (${running.id})`);
@@ -104,7 +105,6 @@ async function streamBody(top: BlockNode, job: Job<StreamResult>, dropBacking: b
 
 /** After a complete stream: the image no longer needs its backing file; say so in its header. */
 async function dropBackingFile(top: BlockNode): Promise<void> {
-  const drv = top.driver as Qcow2Driver;
   for (let pos = 0; pos < top.size(); ) {
     const st = await blockStatus(top, pos, top.size() - pos);
     if (!st.allocated) throw new VdiskError('EIO', `stream: ${top.name} still lacks data at ${pos}; not dropping the backing file`);
@@ -112,8 +112,7 @@ async function dropBackingFile(top: BlockNode): Promise<void> {
   }
   // Clusters a guest write allocated since the stream's flush must be on disk before the header stops naming the backing file.
   await io.flush(top);
-  const old = await drv.dropBackingFile();
-  top.backing = null;
+  const old = await changeBackingFile(top, null, null, null);
   await old?.close();
   trace('backing file dropped from %s', top.name);
 }

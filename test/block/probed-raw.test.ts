@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { BlockNode } from '../../src/block/node.js';
 import * as io from '../../src/block/io.js';
-import { probeHead } from '../../src/block/probe.js';
+import { probeHead } from '../../src/drivers/registry.js';
 import { MemoryDriver } from '../../src/drivers/memory.js';
 import { ProbedRawDriver } from '../../src/drivers/probed-raw.js';
 
@@ -14,7 +14,7 @@ const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]);
 
 function guarded(nativeZeroes = true): { node: BlockNode; head: () => Promise<Buffer> } {
   const mem = new MemoryDriver({ size: 1024 * 1024, nativeZeroes });
-  const node = new BlockNode(new ProbedRawDriver(mem, 'guest.img'));
+  const node = new BlockNode(new ProbedRawDriver(mem, 'guest.img', probeHead));
   const head = async () => {
     const b = Buffer.alloc(512);
     await io.preadv(node, 0, 512, [b]);

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
-import { openImage } from '../../src/block/open.js';
+import { openImage } from '../../src/drivers/chain.js';
 import { useScratchDir } from '../helpers/env.js';
 import { Mount, isMounted } from '../helpers/vdisk.js';
 import { rng } from '../helpers/workload.js';

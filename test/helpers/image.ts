@@ -1,7 +1,7 @@
 /** Reading an image through vdisk's block layer, and asking qemu-img about it. */
 import { expect } from 'vitest';
 import * as io from '../../src/block/io.js';
-import { openImage, type OpenOptions } from '../../src/block/open.js';
+import { openImage, type OpenOptions } from '../../src/drivers/chain.js';
 import { sh } from './vdisk.js';
 
 /** The whole virtual disk, read through vdisk's block layer (read-only open). */

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { BlockNode } from '../../src/block/node.js';
-import { openImage } from '../../src/block/open.js';
+import { openImage } from '../../src/drivers/chain.js';
 import { BlkdebugDriver, type BlkdebugRule } from '../../src/drivers/blkdebug.js';
 import { FileDriver } from '../../src/drivers/file.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
@@ -43,7 +43,6 @@ async function overlay(
   const backing = withRules(new BlockNode(await FileDriver.open(baseFile, { readOnly: true }), { name: baseFile }), rules.backing);
   const file = withRules(new BlockNode(await FileDriver.open(image, { growable: true }), { name: image }), rules.file);
   const drv = await Qcow2Driver.open(file);
-  drv.backing = backing;
   return { top: new BlockNode(drv, { name: image, backing, copyOnRead: true }), image };
 }
 

@@ -5,7 +5,7 @@
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as io from '../../src/block/io.js';
-import { openImage } from '../../src/block/open.js';
+import { openImage } from '../../src/drivers/chain.js';
 import { useScratchDir } from '../helpers/env.js';
 import { expectQemuClean, readImage } from '../helpers/image.js';
 import { vdisk } from '../helpers/vdisk.js';

@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { openImage } from '../../src/block/open.js';
+import { openImage } from '../../src/drivers/chain.js';
 import { Qcow2Driver } from '../../src/drivers/qcow2/index.js';
 import { useScratchDir } from '../helpers/env.js';
 import { qemuImgCheck } from '../helpers/image.js';

@@ -200,8 +200,7 @@ export async function allocatingWrite(s: Qcow2State, cluster: number, offset: nu
 /** Grow the host file (sparsely) so that it reaches `end`. */
 async function coverInFile(s: Qcow2State, end: number): Promise<void> {
   if (s.file.size() >= end) return;
-  const fileDriver = s.file.driver;
-  if (fileDriver.truncate) await fileDriver.truncate(end);
+  if (s.file.driver.truncate) await s.file.truncate(end);
   else await io.pwritev(s.file, end - 512, 512, [Buffer.alloc(512)]);
 }
 

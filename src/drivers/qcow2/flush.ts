@@ -67,9 +67,8 @@ async function releaseFreed(s: Qcow2State): Promise<void> {
     }
   }
   const usedEnd = await s.refcounts.usedEnd();
-  const fileDriver = s.file.driver as { truncate?: (size: number) => Promise<void> };
-  if (usedEnd < s.file.size() && fileDriver.truncate) {
-    await fileDriver.truncate(usedEnd);
+  if (usedEnd < s.file.size() && s.file.driver.truncate) {
+    await s.file.truncate(usedEnd);
     s.refcounts.truncated(usedEnd);
     trace('file shrunk to %d', usedEnd);
   }

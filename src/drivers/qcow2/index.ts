@@ -18,7 +18,7 @@
  * cluster granularity (mayAllocate/allocationAlignment), and metadata changes
  * take `metaLock`, so two allocations never interleave at an await.
  */
-import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
+import type { BlockDriver, ChildLink, DriverBlockStatus, ZeroFlags } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import * as io from '../../block/io.js';
 import { VdiskError } from '../../errors.js';
@@ -96,12 +96,12 @@ export class Qcow2Driver implements BlockDriver {
     return this.s.extendedL2;
   }
 
-  get backing(): BlockNode | null {
-    return this.s.backing;
+  attach(node: BlockNode): void {
+    this.s.node = node;
   }
 
-  set backing(node: BlockNode | null) {
-    this.s.backing = node;
+  children(): ChildLink[] {
+    return [{ role: 'file', node: this.s.file }];
   }
 
   static async open(file: BlockNode, options: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
@@ -159,18 +159,19 @@ export class Qcow2Driver implements BlockDriver {
     return checkImage(this.s, repair);
   }
 
-  /**
-   * Stand alone: the header stops naming a backing file, then the link goes.
-   * The caller has made sure nothing reads through any more. Returns the old
-   * backing node, for the caller to close.
-   */
-  async dropBackingFile(): Promise<BlockNode | null> {
-    this.s.header.backingFile = null;
-    this.s.header.backingFormat = null;
-    await this.s.writeHeader();
-    const old = this.s.backing;
-    this.s.backing = null;
-    return old;
+  /** The header names another backing file (null: none); the graph's link is the caller's (graph.ts changeBackingFile). */
+  async changeBackingFile(name: string | null, format: string | null): Promise<void> {
+    const h = this.s.header;
+    const { backingFile, backingFormat } = h;
+    h.backingFile = name;
+    h.backingFormat = name === null ? null : format;
+    try {
+      await this.s.writeHeader();
+    } catch (err) {
+      // A name that does not fit the header cluster leaves the image as it was.
+      Object.assign(h, { backingFile, backingFormat });
+      throw err;
+    }
   }
 
   size(): number {
@@ -214,7 +215,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async allocatedBytes(): Promise<number> {
-    return (await this.s.file.driver.allocatedBytes?.()) ?? this.s.file.size();
+    return this.s.file.allocatedBytes();
   }
 
   async close(): Promise<void> {

@@ -21,7 +21,8 @@ export class Qcow2State {
   readonly file: BlockNode;
   readonly header: Qcow2Header;
   readonly warnings: string[] = [];
-  backing: BlockNode | null = null;
+  /** The node the driver serves (Qcow2Driver.attach): the backing link is its, graph.ts changes it. */
+  node: BlockNode | null = null;
   readonly clusterSize: number;
   readonly clusterBits: number;
   readonly extendedL2: boolean;
@@ -45,6 +46,11 @@ export class Qcow2State {
   corruptBitOnly = false;
   /** The last compressed cluster decoded: sequential reads decode each cluster once. */
   lastDecompressed: { host: number; data: Buffer } | null = null;
+
+  /** The backing node, as the graph links it (one link, on the node). */
+  get backing(): BlockNode | null {
+    return this.node?.backing ?? null;
+  }
 
   constructor(file: BlockNode, header: Qcow2Header, l1: Buffer, refcounts: Refcounts, l2Cache: TableCache, readOnly: boolean) {
     this.file = file;

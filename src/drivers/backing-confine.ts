@@ -2,12 +2,13 @@
  * --backing-confine: for services that open images their users supply, where
  * an overlay's backing file name (../../etc/shadow, a symlink, a URL) is the
  * user's to choose. A backing file must resolve, symlinks followed, inside the
- * given directory; URLs are refused unless allowed. Checked in openBacking(),
+ * given directory; remote ones (URLs) are refused unless allowed. Checked in openBacking() (chain.ts),
  * before the file is probed or opened, and the resolved path is what is opened.
  */
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { displayUrl, isHttpUrl } from '../drivers/http/url.js';
+import { displayUrl } from './http/url.js';
+import type { ProtocolEntry } from './entry.js';
 import { VdiskError } from '../errors.js';
 
 export interface BackingConfinement {
@@ -26,8 +27,8 @@ function inside(dir: string, file: string): boolean {
  * ERR_BACKING_CONFINED error. Messages never say where an outside path leads
  * (whether a file outside exists is none of the image supplier's business).
  */
-export async function confineBacking(overlay: string, name: string, file: string, confine: BackingConfinement): Promise<string> {
-  if (isHttpUrl(file)) {
+export async function confineBacking(overlay: string, name: string, file: string, protocol: ProtocolEntry, confine: BackingConfinement): Promise<string> {
+  if (protocol.remote) {
     if (confine.allowRemote) return file;
     throw new VdiskError('ERR_BACKING_CONFINED', `${overlay}: backing file ${displayUrl(file)} is remote; refused by --backing-confine (--allow-remote allows URLs)`);
   }
