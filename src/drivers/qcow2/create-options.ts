@@ -1,6 +1,6 @@
 /** `vdisk create -f qcow2 -o ...`: the options, parsed and checked before anything is written. */
 import { VdiskError } from '../../errors.js';
-import { parseInteger, parseSize } from '../../cli/numbers.js';
+import { parseInteger, parseSize } from '../../number-text.js';
 import type { Qcow2CreateOptions } from './create.js';
 
 export const QCOW2_CREATE_HELP = 'qcow2: cluster_size=64k,compat=1.1|0.10,extended_l2=on,refcount_bits=16,lazy_refcounts=on,preallocation=metadata,copy_on_read=on';
