@@ -117,5 +117,33 @@ export interface BlockDriver {
   changeBackingFile?(name: string | null, format: string | null): Promise<void>;
   /** Switch between read-only and read-write (graph.ts reopen: a commit job writes into a backing node). */
   reopen?(readOnly: boolean): Promise<void>;
+  /** Check the image's metadata (vdisk check), repairing what `repair` allows. */
+  check?(repair: RepairMode): Promise<CheckResult>;
+  /** A protocol that fetches over a network counts its requests (mount --stats, the API's imageStats). */
+  readonly networkStats?: NetworkStats;
   close(): Promise<void>;
+}
+
+/** What a network protocol driver has asked for and got, since it was opened. */
+export interface NetworkStats {
+  requests: number;
+  bytesFetched: number;
+  retries: number;
+}
+
+/** What `vdisk check` may repair: nothing, leaked clusters, or everything it can. */
+export type RepairMode = 'none' | 'leaks' | 'all';
+
+/** A format's consistency check, in qemu-img check's terms. */
+export interface CheckResult {
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  messages: string[];
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  /** Data clusters that overlap metadata: nothing is repaired while there are any. */
+  overlaps: number;
 }

@@ -10,21 +10,9 @@ import { EXT_BITMAPS, EXT_CRYPTO, MAX_L1_BYTES } from './header.js';
 import { readL1Entry, readL2Entry, setL2Copied, writeL1Entry } from './l2-entry.js';
 import { flush } from './flush.js';
 import type { Qcow2State } from './state.js';
+import type { CheckResult, RepairMode } from '../../block/driver.js';
 
-export type RepairMode = 'none' | 'leaks' | 'all';
-
-export interface CheckResult {
-  corruptions: number;
-  leaks: number;
-  corruptionsFixed: number;
-  leaksFixed: number;
-  messages: string[];
-  imageEndOffset: number;
-  totalClusters: number;
-  allocatedClusters: number;
-  /** Data clusters that overlap metadata: nothing is repaired while there are any. */
-  overlaps: number;
-}
+export type { CheckResult, RepairMode };
 
 /** Clusters per page of Counts. */
 const PAGE = 4096;
