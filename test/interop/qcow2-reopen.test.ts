@@ -161,4 +161,52 @@ describe('qcow2 reopen', () => {
     expectQemuClean(base);
     ok(`qemu-io -r -c "read -P 9 0 4k" -c "read -P 8 4k 1020k" ${base}`);
   });
+  it('persistent dirty bitmaps (and their autoclear bit) are dropped with a warning on the read-write reopen', async () => {
+    const base = path.join(dir, 'bitmap.qcow2');
+    ok(`qemu-img create -q -f qcow2 ${base} ${SIZE} && qemu-io -c "write -P 1 0 1M" ${base} && qemu-img bitmap --add ${base} b0`);
+    expect(JSON.stringify(qemuImgInfo(base))).toContain('"b0"');
+    const { top, node } = await openChain(base);
+    try {
+      await reopen(node, false);
+      expect((node.driver as Qcow2Driver).warnings.join('\n')).toMatch(/dropped its persistent dirty bitmaps/);
+      expect((node.driver as Qcow2Driver).header.autoclearFeatures).toBe(0n);
+      await io.pwritev(node, 2 * MiB, MiB, [Buffer.alloc(MiB, 2)]);
+      await reopen(node, true);
+    } finally {
+      await top.close();
+    }
+    expect(JSON.stringify(qemuImgInfo(base))).not.toContain('"b0"');
+    expectQemuClean(base);
+    ok(`qemu-io -r -c "read -P 1 0 1M" -c "read -P 2 2M 1M" ${base}`);
+  });
+
+  it('writes issued while a reopen to read-only is under way land before its flush or are refused: none is lost', async () => {
+    const base = path.join(dir, 'race.qcow2');
+    ok(`qemu-img create -q -f qcow2 -o cluster_size=4k ${base} ${SIZE}`);
+    const { top, node } = await openChain(base);
+    const landed: number[] = [];
+    try {
+      await reopen(node, false);
+      const writes: Array<Promise<void>> = [];
+      const back = reopen(node, true);
+      // Writes issued while the reopen is under way (graph.ts flushes before the driver's reopen runs).
+      for (let i = 0; i < 64; i++) {
+        writes.push(
+          io.pwritev(node, i * 64 * 1024, 4096, [Buffer.alloc(4096, 1 + (i % 250))]).then(
+            () => void landed.push(i),
+            (err: { code?: string }) => expect(err.code).toBe('EROFS'),
+          ),
+        );
+        await Promise.resolve();
+      }
+      await back;
+      await Promise.all(writes);
+      expect(node.readOnly).toBe(true);
+    } finally {
+      await top.close();
+    }
+    expectQemuClean(base);
+    const reads = landed.map((i) => `-c "read -P ${1 + (i % 250)} ${i * 64 * 1024} 4k"`).join(' ');
+    if (reads) ok(`qemu-io -r ${reads} ${base}`);
+  });
 });
