@@ -12,6 +12,7 @@
  *   zero-discard.ts  write-zeroes and discard as metadata
  *   flush.ts         the ordered metadata write-out, and why it is crash safe
  *   check.ts         consistency check and repair
+ *   reopen.ts        read-write and back (a job writing into a backing node)
  * This file opens the image and wires those to the BlockDriver interface.
  *
  * Concurrency: the request layer serialises writes that may allocate at
