@@ -55,6 +55,8 @@ export async function reopenWritable(
   }
   try {
     const fresh = await load(file);
+    // Reads through the backing node (a repair's, a copy's) find it from the start.
+    fresh.node = old.node;
     if (!sameGeometry(old, fresh)) throw new VdiskError('EIO', 'the image changed on disk while it was open read-only');
     if (fresh.header.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw new VdiskError('ERR_IMAGE_CORRUPT', 'the image is marked corrupt, writes are refused (vdisk check -r all repairs it)');
@@ -66,7 +68,6 @@ export async function reopenWritable(
     if (fresh.corruptReason) throw new VdiskError('ERR_IMAGE_CORRUPT', `the image is corrupt (${fresh.corruptReason}), writes are refused`);
     for (const w of fresh.warnings.slice(before)) trace('reopen %s: %s', file.name, w);
     fresh.warnings.unshift(...old.warnings);
-    fresh.node = old.node;
     return fresh;
   } catch (err) {
     // Back to what it was: the lock given up, the old (read-only) state kept.
