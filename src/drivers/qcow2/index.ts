@@ -12,6 +12,7 @@
  *   zero-discard.ts  write-zeroes and discard as metadata
  *   flush.ts         the ordered metadata write-out, and why it is crash safe
  *   check.ts         consistency check and repair
+ *   reopen.ts        read-write and back (a job writing into a backing node)
  * This file opens the image and wires those to the BlockDriver interface.
  *
  * Concurrency: the request layer serialises writes that may allocate at
@@ -46,6 +47,7 @@ import { preadv } from './read.js';
 import { mayAllocate, pwritev } from './allocate.js';
 import { pdiscard, pwriteZeroes } from './zero-discard.js';
 import { flush, flushCorrupt } from './flush.js';
+import { reopenReadOnly, reopenWritable } from './reopen.js';
 
 const trace = tracer('qcow2');
 
@@ -63,10 +65,14 @@ export class Qcow2Driver implements BlockDriver {
   readonly limits;
   readonly allocationAlignment: number;
   readonly discardLeaves = 'unallocated';
-  private readonly s: Qcow2State;
+  /** Replaced whole by a read-write reopen (reopen.ts); every call reads it afresh. */
+  private s: Qcow2State;
+  /** The L2 cache a reopen's fresh state gets. */
+  private readonly l2CacheBytes: number;
 
-  private constructor(s: Qcow2State) {
+  private constructor(s: Qcow2State, l2CacheBytes: number) {
     this.s = s;
+    this.l2CacheBytes = l2CacheBytes;
     this.allocationAlignment = s.clusterSize;
     this.limits = {
       requestAlignment: 512,
@@ -105,48 +111,19 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   static async open(file: BlockNode, options: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
-    const fileSize = file.size();
-    // The header, its extensions and the backing file name lie in the first cluster, at most this big.
-    const head = Buffer.alloc(Math.min(fileSize, 2 ** MAX_CLUSTER_BITS));
-    await io.preadv(file, 0, head.length, [head]);
-    const header = parseHeader(head, fileSize);
-    if (header.cryptMethod !== 0) throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: encrypted images are not supported');
-    if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
-      throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: images with an external data file are not supported');
-    }
-    let readOnly = options.readOnly ?? false;
-    const warnings: string[] = [];
-    if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
-      if (!readOnly) warnings.push('the image is marked corrupt: opened read-only (vdisk check -r all repairs it)');
-      readOnly = true;
-    }
-    const cs = 2 ** header.clusterBits;
-    const l1 = Buffer.alloc(header.l1Size * 8);
-    if (l1.length) await io.preadv(file, header.l1TableOffset, l1.length, [l1]);
-    const l2Bytes = options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES;
-    const l2Cache = new TableCache('l2', file, cs, Math.floor(l2Bytes / cs));
-    const rcCache = new TableCache('refcount', file, cs, Math.floor(REFCOUNT_CACHE_BYTES / cs));
-    let s: Qcow2State | null = null;
-    const refcounts = await Refcounts.load(
-      file,
-      rcCache,
-      { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
-      fileSize,
-      async (offset, clusters) => {
-        header.refcountTableOffset = offset;
-        header.refcountTableClusters = clusters;
-        await s!.writeHeader();
-      },
-    );
-    s = new Qcow2State(file, header, l1, refcounts, l2Cache, readOnly);
-    const drv = new Qcow2Driver(s);
-    s.warnings.push(...warnings);
-    s.corruptBitOnly = !(options.readOnly ?? false) && Boolean(header.incompatibleFeatures & INCOMPAT_CORRUPT);
-    validateL1(s, fileSize);
-    await placeMetadata(s);
-    if (!readOnly && !s.corruptReason) await prepareForWriting(s);
-    trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, s.extendedL2, header.version, header.backingFile === null ? null : displayName(header.backingFile));
-    return drv;
+    return new Qcow2Driver(await openState(file, options), options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+  }
+
+  /**
+   * Switch between read-only and read-write (graph.ts reopen: a commit job
+   * writes into its backing node). Read-write is a fresh writable open of the
+   * image on its host file, reopened with the writer's lock; read-only flushes
+   * first. A reopen that fails leaves the node as it was (reopen.ts).
+   */
+  async reopen(readOnly: boolean): Promise<void> {
+    if (readOnly === this.s.ro) return;
+    if (readOnly) await reopenReadOnly(this.s);
+    else this.s = await reopenWritable(this.s, (file) => openState(file, { readOnly: true, l2CacheBytes: this.l2CacheBytes }), prepareForWriting);
   }
 
   /** Why this open found the image corrupt (an overlap), or null. */
@@ -225,6 +202,51 @@ export class Qcow2Driver implements BlockDriver {
   }
 }
 
+/** Read the image's header and tables into a state; a writable open also prepares the image for writing. */
+async function openState(file: BlockNode, options: Qcow2OpenOptions): Promise<Qcow2State> {
+  const fileSize = file.size();
+  // The header, its extensions and the backing file name lie in the first cluster, at most this big.
+  const head = Buffer.alloc(Math.min(fileSize, 2 ** MAX_CLUSTER_BITS));
+  await io.preadv(file, 0, head.length, [head]);
+  const header = parseHeader(head, fileSize);
+  if (header.cryptMethod !== 0) throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: encrypted images are not supported');
+  if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+    throw new VdiskError('ERR_IMAGE_FORMAT', 'qcow2: images with an external data file are not supported');
+  }
+  let readOnly = options.readOnly ?? false;
+  const warnings: string[] = [];
+  if (header.incompatibleFeatures & INCOMPAT_CORRUPT) {
+    if (!readOnly) warnings.push('the image is marked corrupt: opened read-only (vdisk check -r all repairs it)');
+    readOnly = true;
+  }
+  const cs = 2 ** header.clusterBits;
+  const l1 = Buffer.alloc(header.l1Size * 8);
+  if (l1.length) await io.preadv(file, header.l1TableOffset, l1.length, [l1]);
+  const l2Bytes = options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES;
+  const l2Cache = new TableCache('l2', file, cs, Math.floor(l2Bytes / cs));
+  const rcCache = new TableCache('refcount', file, cs, Math.floor(REFCOUNT_CACHE_BYTES / cs));
+  let s: Qcow2State | null = null;
+  const refcounts = await Refcounts.load(
+    file,
+    rcCache,
+    { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset, tableClusters: header.refcountTableClusters },
+    fileSize,
+    async (offset, clusters) => {
+      header.refcountTableOffset = offset;
+      header.refcountTableClusters = clusters;
+      await s!.writeHeader();
+    },
+  );
+  s = new Qcow2State(file, header, l1, refcounts, l2Cache, readOnly);
+  s.warnings.push(...warnings);
+  s.corruptBitOnly = !(options.readOnly ?? false) && Boolean(header.incompatibleFeatures & INCOMPAT_CORRUPT);
+  validateL1(s, fileSize);
+  await placeMetadata(s);
+  if (!readOnly && !s.corruptReason) await prepareForWriting(s);
+  trace('open size=%d cluster=%d extl2=%s version=%d backing=%s', header.size, cs, s.extendedL2, header.version, header.backingFile === null ? null : displayName(header.backingFile));
+  return s;
+}
+
 function validateL1(s: Qcow2State, fileSize: number): void {
   for (let i = 0; i < s.header.l1Size; i++) {
     const { offset } = readL1Entry(s.l1, i);
@@ -260,7 +282,7 @@ async function placeMetadata(s: Qcow2State): Promise<void> {
  * Before the first write: clear autoclear bits we do not maintain (bitmaps
  * would go stale) and repair refcounts left inconsistent by a lazy-refcounts crash.
  */
-async function prepareForWriting(s: Qcow2State): Promise<void> {
+export async function prepareForWriting(s: Qcow2State): Promise<void> {
   const h = s.header;
   let rewrite = false;
   // vdisk maintains no autoclear feature (bitmaps, raw data file, or any it does not know):

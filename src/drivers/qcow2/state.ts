@@ -31,6 +31,8 @@ export class Qcow2State {
   /** Entries per L2 table. */
   readonly l2Entries: number;
   ro: boolean;
+  /** A reopen to read-only is under way: new writes are refused while it flushes (reopen.ts). */
+  writesStopped = false;
   readonly l1: Buffer;
   /** The in-memory L1 differs from the file: written at the next flush. */
   l1Dirty = false;
@@ -90,7 +92,7 @@ export class Qcow2State {
   }
 
   checkWritable(): void {
-    if (this.ro) throw new VdiskError('EROFS', 'qcow2 image opened read-only');
+    if (this.ro || this.writesStopped) throw new VdiskError('EROFS', 'qcow2 image opened read-only');
     if (this.corruptReason) throw new VdiskError('ERR_IMAGE_CORRUPT', `qcow2: the image is corrupt (${this.corruptReason}): writes are refused`);
   }
 
