@@ -16,10 +16,10 @@
  * (the request layer pads them) and must lie inside the disk.
  */
 import fs from 'node:fs/promises';
-import type { BlockNode, DetectZeroes, DiscardMode } from './block/node.js';
+import type { BlockNode } from './block/node.js';
 import * as io from './block/io.js';
 import { blockStatus as nodeStatus, blockStatusAbove, type BlockStatus } from './block/block-status.js';
-import { openImage as openChain, probeFormat as probeImageFormat } from './drivers/chain.js';
+import { openImage as openChain, probeFormat as probeImageFormat, type OpenOptions } from './drivers/chain.js';
 import { chainOf as nodeChain } from './block/graph.js';
 import { FORMAT_NAMES } from './drivers/registry.js';
 import { createImage as createImageFile, type CreateImageOptions, type CreatedImage } from './create.js';
@@ -52,31 +52,13 @@ export type { StreamResult } from './jobs/stream.js';
 /** The image formats vdisk opens and creates. */
 export const IMAGE_FORMATS: readonly string[] = FORMAT_NAMES;
 
-/** How to open an image chain; every field is optional. */
-export interface OpenImageOptions {
-  /** Format of the top image ('raw', 'qcow2'); probed from its first bytes when absent (a URL is raw). */
-  format?: string;
-  /**
-   * Format of a backing file whose overlay records none. Without it such a
-   * backing file is opened only if it probes as something other than raw.
-   */
-  backingFormat?: string;
-  /** Open the top image read-only (backing images always are); writes then fail with EROFS. */
-  readOnly?: boolean;
-  /** Turn writes of all-zero data into write-zeroes ('unmap': and free the space). Default 'off'. */
-  detectZeroes?: DetectZeroes;
-  /** 'ignore': discards are dropped and write-zeroes never frees space. Default 'unmap'. */
-  discard?: DiscardMode;
-  /** qcow2: bytes of memory for cached L2 tables. */
-  l2CacheBytes?: number;
-  /** Copy what reads fetch from the backing chain into the top image; absent: as the image says. */
-  copyOnRead?: boolean;
-  /** For http(s) images anywhere in the chain: headers, CA file, timeouts, retries. */
-  http?: HttpOptions;
+/**
+ * How to open an image chain; every field is optional. As the open path's own
+ * options, but `backingConfine.dir` may be any path (it is resolved here).
+ */
+export interface OpenImageOptions extends Omit<OpenOptions, 'backingConfine'> {
   /** Backing files must resolve (symlinks followed) inside `dir`; URLs only with `allowRemote`. */
   backingConfine?: { dir: string; allowRemote?: boolean };
-  /** Filled with messages worth showing a user (a corrupt bit set, refcounts repaired). */
-  warnings?: string[];
 }
 
 /**

@@ -19,7 +19,7 @@ import type { OpenedFormat, ProtocolEntry } from './entry.js';
 export const MAX_CHAIN_DEPTH = 32;
 
 export interface OpenOptions {
-  /** Format of the image; probed from its first bytes when absent. */
+  /** Format of the top image ('raw', 'qcow2'); probed from its first bytes when absent (a URL is raw). */
   format?: string;
   /**
    * Format of a backing file whose overlay records none. Without it such a
@@ -27,17 +27,21 @@ export interface OpenOptions {
    * (a guest can write a qcow2 header into a raw disk).
    */
   backingFormat?: string;
+  /** Open the top image read-only (backing images always are); writes then fail with EROFS. */
   readOnly?: boolean;
+  /** Turn writes of all-zero data into write-zeroes ('unmap': and free the space). Default 'off'. */
   detectZeroes?: DetectZeroes;
+  /** 'ignore': discards are dropped and write-zeroes never frees space. Default 'unmap'. */
   discard?: DiscardMode;
+  /** qcow2: bytes of memory for cached L2 tables. */
   l2CacheBytes?: number;
-  /** Copy-on-read on the top node; absent: what the image asks for (copy_on_read=on). */
+  /** Copy what reads fetch from the backing chain into the top image; absent: as the image says (copy_on_read=on). */
   copyOnRead?: boolean;
-  /** For http(s) images anywhere in the chain. */
+  /** For http(s) images anywhere in the chain: headers, CA file, timeouts, retries. */
   http?: HttpOptions;
-  /** Backing files must resolve inside this directory (--backing-confine); remote ones need its allowRemote. */
+  /** Backing files must resolve inside this (resolved) directory (--backing-confine); remote ones need its allowRemote. */
   backingConfine?: BackingConfinement;
-  /** Messages worth showing the user (corrupt bit, repaired refcounts). */
+  /** Filled with messages worth showing a user (a corrupt bit set, refcounts repaired). */
   warnings?: string[];
 }
 
