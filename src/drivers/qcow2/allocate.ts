@@ -67,8 +67,8 @@ async function allocateWholeClusters(s: Qcow2State, first: number, max: number, 
       n++;
     }
     if (!n) return null;
+    // refcounts.allocate has checked the new run against the metadata ranges.
     const host = await s.refcounts.allocate(n);
-    checkNoMetadata(s, host.offset);
     return { n, old, host };
   });
   if (!plan) return 0;
@@ -94,8 +94,8 @@ async function allocateWholeClusters(s: Qcow2State, first: number, max: number, 
 async function writeInCluster(s: Qcow2State, offset: number, bytes: number, data: Buffer[]): Promise<void> {
   const cluster = Math.floor(offset / s.clusterSize);
   const e = await entryFor(s, cluster);
+  // entryFor has checked e's host cluster against the metadata ranges (checkEntry).
   if (e && canWriteInPlace(s, e, offset, bytes)) {
-    checkNoMetadata(s, e.host);
     return io.pwritev(s.file, e.host + (offset % s.clusterSize), bytes, data);
   }
   await s.metaLock.run(() => allocatingWrite(s, cluster, offset, bytes, data));
@@ -111,10 +111,6 @@ function canWriteInPlace(s: Qcow2State, e: L2Entry, offset: number, bytes: numbe
   return true;
 }
 
-function checkNoMetadata(s: Qcow2State, host: number): void {
-  s.metadataRanges.assertFree(host, s.clusterSize, 'a data write');
-}
-
 /**
  * A write that needs a new host cluster (or new subclusters): build the
  * cluster's new contents from the request and whatever it does not cover
@@ -127,8 +123,7 @@ export async function allocatingWrite(s: Qcow2State, cluster: number, offset: nu
   const base = cluster * cs;
   const old = (await entryFor(s, cluster)) ?? UNALLOCATED;
   if (canWriteInPlace(s, old, offset, bytes)) {
-    // Someone allocated it while we waited for the lock.
-    checkNoMetadata(s, old.host);
+    // Someone allocated it while we waited for the lock (entryFor checked it, as above).
     return io.pwritev(s.file, old.host + (offset - base), bytes, data);
   }
 
@@ -147,8 +142,8 @@ export async function allocatingWrite(s: Qcow2State, cluster: number, offset: nu
     }
   }
 
+  // Both were checked against the metadata ranges: old.host by entryFor, a new one by refcounts.allocate.
   const host = reuseHost ? { offset: old.host, fresh: false } : await s.refcounts.allocate(1);
-  checkNoMetadata(s, host.offset);
   // Assemble: the touched subclusters around the request, plus the kept ones.
   const buf = Buffer.alloc(cs);
   const segments: Array<[number, number]> = [];

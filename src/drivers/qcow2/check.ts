@@ -418,8 +418,3 @@ export async function checkImage(img: Qcow2State, repair: RepairMode = 'none'): 
   if (repair === 'all' && result.corruptions === result.corruptionsFixed) await img.markConsistent();
   return result;
 }
-
-/** Rebuild refcounts (used on open when the dirty bit is set). */
-export async function repairImage(img: Qcow2State, mode: RepairMode): Promise<CheckResult> {
-  return checkImage(img, mode);
-}

@@ -39,7 +39,7 @@ import {
 import { readL1Entry } from './l2-entry.js';
 import { Refcounts } from './refcount.js';
 import { TableCache } from './table-cache.js';
-import { bitmapRanges, checkImage, repairImage, type CheckResult, type RepairMode } from './check.js';
+import { bitmapRanges, checkImage, type CheckResult, type RepairMode } from './check.js';
 import { loadMetadataRanges } from './metadata-ranges.js';
 import { Qcow2State } from './state.js';
 import { blockStatus } from './cluster-map.js';
@@ -306,7 +306,8 @@ export async function prepareForWriting(s: Qcow2State): Promise<void> {
   }
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
     s.warnings.push('the image was not closed cleanly (dirty bit): refcounts rebuilt');
-    const repaired = await repairImage(s, 'all');
+    // The dirty bit: rebuild the refcounts, as check -r all does.
+    const repaired = await checkImage(s, 'all');
     if (repaired.overlaps) {
       s.corruption(`${repaired.overlaps} data clusters overlap metadata: refcounts not rebuilt`);
       s.warnings.push('the image is corrupt (data clusters overlap metadata): marked corrupt, writes are refused');

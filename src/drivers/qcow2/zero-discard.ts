@@ -104,7 +104,7 @@ async function zeroInCluster(s: Qcow2State, cluster: number, offset: number, byt
 /** Version 2 has no zero flag: unallocated reads zero only if nothing below shows through. */
 async function zeroV2(s: Qcow2State, cluster: number, old: L2Entry, from: number, to: number): Promise<void> {
   const base = cluster * s.clusterSize;
-  const backingZero = await backingReadsZero(s, base, s.clusterSize);
+  const backingZero = await chainReadsZero(s.backing, base, s.clusterSize);
   if (backingZero) {
     if (old.host || old.compressed) {
       await setL2Entry(s, cluster, { host: 0, copied: false });
@@ -113,10 +113,6 @@ async function zeroV2(s: Qcow2State, cluster: number, old: L2Entry, from: number
     return;
   }
   await allocatingWrite(s, cluster, base + from, to - from, [Buffer.alloc(to - from)]);
-}
-
-function backingReadsZero(s: Qcow2State, offset: number, bytes: number): Promise<boolean> {
-  return chainReadsZero(s.backing, offset, bytes);
 }
 
 /**
