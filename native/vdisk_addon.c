@@ -54,6 +54,13 @@ bool get_integer(napi_env env, napi_value v, double lo, double hi, int64_t *out)
   return true;
 }
 
+/* A JS string into out[cap]; false if it is not a string or does not fit. */
+bool get_string(napi_env env, napi_value v, char *out, size_t cap) {
+  size_t len;
+  if (napi_get_value_string_utf8(env, v, out, cap, &len) != napi_ok) return false;
+  return len + 1 < cap;
+}
+
 /* The first `count` elements of a JS array, as numbers; false if it is not an array of numbers. */
 bool get_numbers(napi_env env, napi_value array, double *out, uint32_t count) {
   bool is_array = false;

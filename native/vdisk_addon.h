@@ -8,6 +8,7 @@
 #define VDISK_ADDON_H
 #include <fuse_lowlevel.h>
 #include <node_api.h>
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -50,6 +51,12 @@ static inline bool is_integer_in(double d, double lo, double hi) {
 
 /* A JS number that is an integer in [lo, hi) (see is_integer_in); false for anything else. */
 bool get_integer(napi_env env, napi_value v, double lo, double hi, int64_t *out);
+
+/*
+ * A JS string into out[cap], NUL-terminated; false if it is not a string or
+ * does not fit (a path cut short would name another file).
+ */
+bool get_string(napi_env env, napi_value v, char *out, size_t cap);
 
 /* The first `count` elements of a JS array, as numbers; false if it is not an array of numbers. */
 bool get_numbers(napi_env env, napi_value array, double *out, uint32_t count);

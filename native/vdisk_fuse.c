@@ -117,13 +117,11 @@ static int append_opt(char *dst, size_t cap, const char *opt) {
 static int get_named_string(napi_env env, napi_value obj, const char *name, char *out, size_t cap) {
   napi_value v;
   napi_valuetype t;
-  size_t len;
   out[0] = 0;
   if (napi_get_named_property(env, obj, name, &v) != napi_ok) return -1;
   if (napi_typeof(env, v, &t) != napi_ok) return -1;
   if (t == napi_undefined) return 0;
-  if (napi_get_value_string_utf8(env, v, out, cap, &len) != napi_ok) return -1;
-  return len + 1 >= cap ? -1 : 0;
+  return get_string(env, v, out, cap) ? 0 : -1;
 }
 
 static int get_named_uint(napi_env env, napi_value obj, const char *name, uint32_t *out) {
@@ -144,8 +142,7 @@ static int get_named_uint(napi_env env, napi_value obj, const char *name, uint32
 static napi_value js_mount(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4], result, resource_name;
-  char mountpoint[4096], fs_options[2048], opts[2300];
-  size_t len;
+  char mountpoint[PATH_MAX], fs_options[2048], opts[2300];
   vd_session *s;
   uv_loop_t *loop;
   struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
@@ -155,7 +152,10 @@ static napi_value js_mount(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, "ERR_VDISK_ARG", "mount(mountpoint, options, handlers, onExit)");
     return NULL;
   }
-  NAPI_CALL(env, napi_get_value_string_utf8(env, argv[0], mountpoint, sizeof mountpoint, &len));
+  if (!get_string(env, argv[0], mountpoint, sizeof mountpoint)) {
+    napi_throw_type_error(env, "ERR_VDISK_ARG", "mount: the mountpoint must be a string shorter than PATH_MAX");
+    return NULL;
+  }
   if (get_named_string(env, argv[1], "fsOptions", fs_options, sizeof fs_options) < 0) {
     napi_throw_type_error(env, "ERR_VDISK_ARG", "options.fsOptions must be a short string");
     return NULL;

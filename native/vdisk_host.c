@@ -136,13 +136,12 @@ static napi_value js_lseek(napi_env env, napi_callback_info info) {
 static napi_value js_umount(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
-  size_t len;
   host_call *c;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (!(c = calloc(1, sizeof *c))) return throw_errno(env, ENOMEM, "calloc");
   c->kind = HOST_UMOUNT;
-  c->path = malloc(4096);
-  if (!c->path || napi_get_value_string_utf8(env, argv[0], c->path, 4096, &len) != napi_ok ||
+  c->path = malloc(PATH_MAX);
+  if (!c->path || !get_string(env, argv[0], c->path, PATH_MAX) ||
       napi_get_value_int32(env, argv[1], &c->mode) != napi_ok) {
     free(c->path);
     free(c);

@@ -249,6 +249,12 @@ describe('the host-file calls refuse offsets no off_t can hold', () => {
       fs.closeSync(fd);
     }
   });
+
+  it('umount and mount refuse a path longer than PATH_MAX instead of acting on a cut-short one', () => {
+    const long = `${dir}/${'a'.repeat(5000)}`;
+    expect(() => addon.umount(long, 0)).toThrow(expect.objectContaining({ code: 'ERR_VDISK_ARG' }));
+    expect(() => addon.mount(long, { fsOptions: 'fsname=x' }, goodHandlers(), () => undefined)).toThrow(expect.objectContaining({ code: 'ERR_VDISK_ARG' }));
+  });
 });
 
 /** A disk whose driver starts reporting a size the kernel cannot be told once armed (as a lying server would). */
