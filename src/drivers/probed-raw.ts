@@ -14,6 +14,7 @@
 import type { BlockDriver, DriverBlockStatus, ZeroFlags } from '../block/driver.js';
 import { PROBE_BYTES } from '../block/probe.js';
 import { VdiskError, notSupported } from '../errors.js';
+import { iovSlice } from '../block/iov.js';
 import { tracer } from '../trace.js';
 
 const trace = tracer('probe');
@@ -74,24 +75,25 @@ export class ProbedRawDriver implements BlockDriver {
     return this.inner.preadv(offset, bytes, iov);
   }
 
-  async pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
+  // Not async: a write past the first sector is the inner driver's promise, with no layer of our own.
+  pwritev(offset: number, bytes: number, iov: Buffer[]): Promise<void> {
     const inner = this.inner;
-    if (!inner.pwritev) throw new VdiskError('EROFS', `${this.name} cannot be written`);
+    if (!inner.pwritev) return Promise.reject(new VdiskError('EROFS', `${this.name} cannot be written`));
     if (offset >= PROBE_BYTES) return inner.pwritev(offset, bytes, iov);
-    return this.checkedHeadWrite(offset, bytes, 'write', (head, from, to) => copyFromIov(iov, head, from - offset, from, to), () => inner.pwritev!(offset, bytes, iov));
+    return this.checkedHeadWrite(offset, bytes, 'write', (head, from, to) => copyIovInto(head, from, iovSlice(iov, from - offset, to - from)), () => inner.pwritev!(offset, bytes, iov));
   }
 
-  async pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
+  pwriteZeroes(offset: number, bytes: number, flags: ZeroFlags): Promise<void> {
     const inner = this.inner;
-    if (!inner.pwriteZeroes) throw notSupported(`write-zeroes on ${this.name}`);
+    if (!inner.pwriteZeroes) return Promise.reject(notSupported(`write-zeroes on ${this.name}`));
     if (offset >= PROBE_BYTES) return inner.pwriteZeroes(offset, bytes, flags);
     return this.checkedHeadWrite(offset, bytes, 'write-zeroes', (head, from, to) => head.fill(0, from, to), () => inner.pwriteZeroes!(offset, bytes, flags));
   }
 
   /** A discarded range of a host file reads as zero afterwards: checked as zeroes. */
-  async pdiscard(offset: number, bytes: number): Promise<void> {
+  pdiscard(offset: number, bytes: number): Promise<void> {
     const inner = this.inner;
-    if (!inner.pdiscard) throw notSupported(`discard on ${this.name}`);
+    if (!inner.pdiscard) return Promise.reject(notSupported(`discard on ${this.name}`));
     if (offset >= PROBE_BYTES) return inner.pdiscard(offset, bytes);
     return this.checkedHeadWrite(offset, bytes, 'discard', (head, from, to) => head.fill(0, from, to), () => inner.pdiscard!(offset, bytes));
   }
@@ -133,18 +135,7 @@ export class ProbedRawDriver implements BlockDriver {
   }
 }
 
-/** Copy bytes [from, to) of the disk into `head` from an iov whose first byte is at disk offset from - skip. */
-function copyFromIov(iov: Buffer[], head: Buffer, skip: number, from: number, to: number): void {
-  let pos = from;
-  for (const b of iov) {
-    if (pos >= to) return;
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    const n = Math.min(b.length - skip, to - pos);
-    b.copy(head, pos, skip, skip + n);
-    pos += n;
-    skip = 0;
-  }
+/** Copy the buffers of `iov` into `head` from position `at` on. */
+function copyIovInto(head: Buffer, at: number, iov: Buffer[]): void {
+  for (const b of iov) at += b.copy(head, at);
 }
