@@ -89,8 +89,12 @@ async function openNode(file: string, format: string, options: OpenOptions, read
   let real: string;
   try {
     real = await protocol.identity(file);
-  } catch {
-    throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${shown}`);
+  } catch (err) {
+    // Only a missing file is "not found": a permission problem or a symlink loop says what it is.
+    const code = (err as { code?: string }).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw new VdiskError('ERR_IMAGE_NOT_FOUND', `image not found: ${shown}`, { cause: err });
+    if (code === 'EACCES' || code === 'EPERM') throw new VdiskError('EACCES', `cannot open ${shown}: permission denied`, { cause: err });
+    throw new VdiskError('EIO', `cannot open ${shown}: ${(err as Error).message}`, { cause: err });
   }
   if (chain.seen.has(real)) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain loops back to ${shown}`);
   if (chain.depth >= MAX_CHAIN_DEPTH) throw new VdiskError('ERR_IMAGE_CORRUPT', `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${shown}`);

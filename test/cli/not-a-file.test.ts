@@ -112,3 +112,15 @@ describe('an image that is not a regular file', () => {
     expect(r.status, r.stderr).toBe(0);
   });
 });
+
+describe('an image path that cannot be resolved', () => {
+  it('a symlink loop is reported as what it is, not as a missing image', async () => {
+    const a = path.join(dir, 'loop-a');
+    const b = path.join(dir, 'loop-b');
+    fs.symlinkSync(b, a);
+    fs.symlinkSync(a, b);
+    const r = await vdiskBounded(['info', '-f', 'raw', a]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^vdisk: error EIO: cannot open .*loop-a: ELOOP: too many symbolic links/);
+  });
+});
