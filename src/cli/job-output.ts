@@ -36,7 +36,7 @@ export class JobProgressView {
       process.stderr.write(`${JSON.stringify({ event: 'progress', ...(this.id ? { id: this.id } : {}), ...p })}\n`);
       return;
     }
-    const pct = p.total ? (100 * p.current) / p.total : 100;
+    const pct = percentOf(p.current, p.total);
     const secs = Math.max(0.001, (Date.now() - this.started) / 1000);
     const width = 30;
     const filled = Math.round((pct / 100) * width);
@@ -50,8 +50,13 @@ export class JobProgressView {
   }
 }
 
+/** How far `current` is through `total`, in percent; an empty job (total 0) is done. */
+export function percentOf(current: number, total: number): number {
+  return total ? (100 * current) / total : 100;
+}
+
 function percent(p: JobProgress): string {
-  return `${(p.total ? (100 * p.current) / p.total : 100).toFixed(1)}%`;
+  return `${percentOf(p.current, p.total).toFixed(1)}%`;
 }
 
 /** `vdisk jobs`: one JSON array, or a table. */

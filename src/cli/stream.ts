@@ -10,7 +10,7 @@ import { VdiskError } from '../errors.js';
 import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options.js';
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { displayName } from '../drivers/http/url.js';
-import { JobProgressView } from './job-output.js';
+import { JobProgressView, percentOf } from './job-output.js';
 import { OPTION_NUMBERS, coerceWith } from './numbers.js';
 import { formatSize } from './util.js';
 
@@ -40,7 +40,7 @@ function report(args: StreamArgs, r: StreamResult): void {
   if (args.output === 'json') {
     process.stdout.write(`${JSON.stringify(r)}\n`);
   } else if (r.interrupted) {
-    process.stderr.write(`vdisk: stream interrupted at ${((100 * r.done) / r.total).toFixed(1)}%: run it again to resume\n`);
+    process.stderr.write(`vdisk: stream interrupted at ${percentOf(r.done, r.total).toFixed(1)}%: run it again to resume\n`);
   } else {
     process.stdout.write(`streamed ${args.image}: copied ${formatSize(r.copied)} of ${formatSize(r.total)}${r.droppedBacking ? '; backing file dropped' : ''}\n`);
   }
