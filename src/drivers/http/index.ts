@@ -133,7 +133,7 @@ export class HttpDriver implements BlockDriver {
       this.stats.requests++;
       if (r.statusCode >= 500 || r.statusCode === 429) {
         await r.body.dump();
-        throw new RetryableError(`HTTP ${r.statusCode}`, parseRetryAfter(r.headers['retry-after']));
+        throw new RetryableError(`HTTP ${r.statusCode}`, parseRetryAfter(header(r.headers, 'retry-after')));
       }
       return r;
     });
@@ -264,7 +264,7 @@ export class HttpDriver implements BlockDriver {
     if (statusCode === 200 || statusCode === 412) {
       return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: the remote image changed since it was opened (validator ${this.validator ?? 'none'}); refusing to mix old and new data`);
     }
-    if (statusCode >= 500 || statusCode === 429) return new RetryableError(`HTTP ${statusCode}`, parseRetryAfter(h['retry-after']));
+    if (statusCode >= 500 || statusCode === 429) return new RetryableError(`HTTP ${statusCode}`, parseRetryAfter(header(h, 'retry-after')));
     if (statusCode === 416) return new VdiskError('ERR_REMOTE_CHANGED', `${this.name}: ${what} is past the end: the remote image shrank`);
     return new VdiskError('ERR_HTTP', `${this.name}: HTTP ${statusCode} to ${what}`);
   }

@@ -21,8 +21,8 @@ const trace = tracer('http');
 export const MAX_RETRY_AFTER_MS = 10_000;
 
 /** Retry-After (RFC 9110 10.2.3: delay-seconds or an HTTP-date) in ms, capped; undefined when absent or unreadable. */
-export function parseRetryAfter(value: string | string[] | undefined, now = Date.now()): number | undefined {
-  const v = (Array.isArray(value) ? value[0] : value)?.trim();
+export function parseRetryAfter(value: string | undefined, now = Date.now()): number | undefined {
+  const v = value?.trim();
   if (!v) return undefined;
   // Number() of a long digit string is a huge double or Infinity: the cap takes both.
   if (/^\d+$/.test(v)) return Math.min(Number(v) * 1000, MAX_RETRY_AFTER_MS);
