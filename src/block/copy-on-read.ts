@@ -22,7 +22,7 @@ import type { TrackedRequest } from './tracked-requests.js';
 import { blockStatus, blockStatusBelow } from './block-status.js';
 import { BufferPool } from './buffer-pool.js';
 import { alignedPreadv, alignedPwriteZeroes, alignedPwritev, readAligned } from './aligned-io.js';
-import { iovIsZero, iovSlice } from './iov.js';
+import { isZero, iovSlice } from './iov.js';
 import { tracer } from '../trace.js';
 
 const trace = tracer('io');
@@ -89,7 +89,7 @@ export async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: 
       if (wanted) copyInto(wanted, own.subarray(from - pos, to - pos));
       node.corStats.bytesFromBacking += n;
     }
-    const data = own && !iovIsZero([own]) ? own : null;
+    const data = own && !isZero(own) ? own : null;
     const copy = copyIn(node, pos, n, data, read === null);
     const landed = copy.finally(() => {
       if (trail) node.corBytesTrailing -= n;
