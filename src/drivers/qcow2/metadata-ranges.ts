@@ -182,9 +182,10 @@ export interface ImageTables {
 export async function loadMetadataRanges(file: BlockNode, t: ImageTables): Promise<{ ranges: MetadataRanges; overlaps: string[] }> {
   const ranges = new MetadataRanges(t.clusterSize);
   const overlaps: string[] = [];
+  const overlap = (what: string, offset: number, o: Overlap) => overlaps.push(`the ${what} at ${offset} overlaps the ${o.kind} at ${o.offset}`);
   const add = (offset: number, bytes: number, kind: MetadataKind, what: string = kind) => {
     const o = ranges.add(offset, bytes, kind);
-    if (o) overlaps.push(`the ${what} at ${offset} overlaps the ${o.kind} at ${o.offset}`);
+    if (o) overlap(what, offset, o);
   };
   add(0, t.clusterSize, 'header');
   add(t.l1TableOffset, t.l1Size * 8, 'L1 table');
@@ -199,7 +200,10 @@ export async function loadMetadataRanges(file: BlockNode, t: ImageTables): Promi
   }
   for (let i = 0; i < t.l1Size; i++) {
     const { offset } = readL1Entry(t.l1, i);
-    if (offset) add(offset, t.clusterSize, 'L2 table', `L2 table of L1 entry ${i}`);
+    if (!offset) continue;
+    // Up to 4M entries: the message is made only for an overlap.
+    const o = ranges.add(offset, t.clusterSize, 'L2 table');
+    if (o) overlap(`L2 table of L1 entry ${i}`, offset, o);
   }
   return { ranges, overlaps };
 }
