@@ -11,6 +11,7 @@ import { rawFormat } from './raw/format.js';
 import { qcow2Format } from './qcow2/format.js';
 import { fileProtocol } from './file-protocol.js';
 import { httpProtocol } from './http/protocol.js';
+import { URL_SCHEME } from './http/url.js';
 
 export const FORMATS: readonly FormatEntry[] = [rawFormat, qcow2Format];
 
@@ -31,11 +32,10 @@ export function requireFormat(name: string, shown: string): FormatEntry {
   return entry;
 }
 
-const SCHEME = /^([a-z][a-z0-9+.-]*:)\/\//i;
 
 /** The protocol a location belongs to: by URL scheme; anything else is a host path. */
 export function protocolFor(location: string): ProtocolEntry {
-  const scheme = SCHEME.exec(location)?.[1]?.toLowerCase();
+  const scheme = URL_SCHEME.exec(location)?.[1]?.toLowerCase();
   if (scheme) {
     const p = PROTOCOLS.find((e) => e.schemes.includes(scheme));
     if (p) return p;

@@ -52,7 +52,6 @@ function open(path: string, flags: number): Promise<number> {
 
 export interface OpenedFile {
   fd: number;
-  stats: fs.Stats;
   /** Bytes: the file's size, or the block device's. */
   size: number;
   blockDevice: boolean;
@@ -77,7 +76,7 @@ export async function openRegularFile(path: string, flags: number, allowBlockDev
     if (cleared !== 0) throw new VdiskError('EIO', `fcntl(F_SETFL) on ${path} failed (errno ${-cleared})`);
     const blockDevice = stats.isBlockDevice();
     const size = blockDevice ? await native().lseek(fd, 0, SEEK_END) : stats.size;
-    return { fd, stats, size, blockDevice };
+    return { fd, size, blockDevice };
   } catch (err) {
     fs.closeSync(fd);
     throw err;

@@ -17,9 +17,8 @@ export function displayUrl(url: string | URL): string {
   }
 }
 
-export function isHttpUrl(name: string): boolean {
-  return /^https?:\/\//i.test(name);
-}
+/** `scheme://` at the start of a location: the one test of "is this a URL" (registry, display). */
+export const URL_SCHEME = /^([a-z][a-z0-9+.-]*:)\/\//i;
 
 /**
  * A file name as it is, a URL as it may be shown (displayUrl). Any scheme
@@ -27,7 +26,7 @@ export function isHttpUrl(name: string): boolean {
  * mistake is shown without its password too.
  */
 export function displayName(name: string): string {
-  return /^[a-z][a-z0-9+.-]*:\/\//i.test(name) ? displayUrl(name) : name;
+  return URL_SCHEME.test(name) ? displayUrl(name) : name;
 }
 
 /**
