@@ -2,6 +2,7 @@
 import { expect } from 'vitest';
 import * as io from '../../src/block/io.js';
 import { openImage, type OpenOptions } from '../../src/drivers/chain.js';
+import type { MapEntry } from '../../src/cli/map.js';
 import { sh } from './vdisk.js';
 
 /** The whole virtual disk, read through vdisk's block layer (read-only open). */
@@ -43,15 +44,8 @@ export function qemuImgJson<T>(args: string): T {
   return parseJson<T>(`qemu-img ${args}`, r);
 }
 
-export interface QemuMapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+/** vdisk map --output json prints qemu-img map's entries: one type for both. */
+export type QemuMapEntry = MapEntry;
 
 export function qemuImgMap(image: string): QemuMapEntry[] {
   return qemuImgJson<QemuMapEntry[]>(`map ${image}`);
