@@ -73,16 +73,31 @@ static napi_value answer_bad_reply(napi_env env, fuse_req_t req, const char *wha
  * the request waits forever; libfuse turns positive values into ERANGE). */
 #define ERRNO_LIMIT 512.0
 
-static napi_value js_reply_err(napi_env env, napi_callback_info info) {
+/*
+ * The common shape of a reply carrying one integer: take the request, then
+ * the integer in [lo, hi). False when the handle could not be taken
+ * (take_req has thrown) or the integer was bad (then the request is already
+ * answered EIO and the usage thrown): the caller replies only on true.
+ */
+static bool take_req_integer(napi_env env, napi_callback_info info, double lo, double hi, const char *usage, fuse_req_t *req, int64_t *out) {
   size_t argc = 2;
   napi_value argv[2];
-  int64_t err;
+  *req = NULL;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    throw_last_error(env);
+    return false;
+  }
+  if (!(*req = take_req(env, argv[0]))) return false;
+  if (get_integer(env, argv[1], lo, hi, out)) return true;
+  answer_bad_reply(env, *req, usage);
+  return false;
+}
+
+static napi_value js_reply_err(napi_env env, napi_callback_info info) {
   fuse_req_t req;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = take_req(env, argv[0]))) return NULL;
-  if (!get_integer(env, argv[1], 0, ERRNO_LIMIT, &err))
-    return answer_bad_reply(env, req, "replyErr(req, errno): errno must be an integer from 0 to 511");
-  fuse_reply_err(req, (int)err);
+  int64_t err;
+  if (take_req_integer(env, info, 0, ERRNO_LIMIT, "replyErr(req, errno): errno must be an integer from 0 to 511", &req, &err))
+    fuse_reply_err(req, (int)err);
   return NULL;
 }
 
@@ -173,28 +188,18 @@ static napi_value js_reply_read_async(napi_env env, napi_callback_info info) {
 
 /* replyWrite(req, count): count is at most the size written, which the kernel checks. */
 static napi_value js_reply_write(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  int64_t count;
   fuse_req_t req;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = take_req(env, argv[0]))) return NULL;
-  if (!get_integer(env, argv[1], 0, UINT32_LIMIT, &count))
-    return answer_bad_reply(env, req, "replyWrite(req, count): count must be an integer from 0 to 2^32-1");
-  fuse_reply_write(req, (size_t)count);
+  int64_t count;
+  if (take_req_integer(env, info, 0, UINT32_LIMIT, "replyWrite(req, count): count must be an integer from 0 to 2^32-1", &req, &count))
+    fuse_reply_write(req, (size_t)count);
   return NULL;
 }
 
 static napi_value js_reply_lseek(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  int64_t off;
   fuse_req_t req;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (!(req = take_req(env, argv[0]))) return NULL;
-  if (!get_integer(env, argv[1], 0, INT64_LIMIT, &off))
-    return answer_bad_reply(env, req, "replyLseek(req, offset): offset must be an integer from 0 to 2^63-1");
-  fuse_reply_lseek(req, (off_t)off);
+  int64_t off;
+  if (take_req_integer(env, info, 0, INT64_LIMIT, "replyLseek(req, offset): offset must be an integer from 0 to 2^63-1", &req, &off))
+    fuse_reply_lseek(req, (off_t)off);
   return NULL;
 }
 
