@@ -22,7 +22,7 @@ import type { TrackedRequest } from './tracked-requests.js';
 import { blockStatus, blockStatusBelow } from './block-status.js';
 import { BufferPool } from './buffer-pool.js';
 import { alignedPreadv, alignedPwriteZeroes, alignedPwritev, readAligned } from './aligned-io.js';
-import { isZero, iovSlice } from './iov.js';
+import { isZero, iovCopyFrom, iovSlice } from './iov.js';
 import { tracer } from '../trace.js';
 
 const trace = tracer('io');
@@ -86,7 +86,7 @@ export async function copyOnReadv(node: BlockNode, req: TrackedRequest, offset: 
         corBuffers.give(own);
         throw err;
       }
-      if (wanted) copyInto(wanted, own.subarray(from - pos, to - pos));
+      if (wanted) iovCopyFrom(wanted, own.subarray(from - pos, to - pos));
       node.corStats.bytesFromBacking += n;
     }
     const data = own && !isZero(own) ? own : null;
@@ -112,13 +112,5 @@ async function copyIn(node: BlockNode, offset: number, bytes: number, data: Buff
     if (strict) throw err;
     node.corStats.copyFailures++;
     trace('copy-on-read write failed node=%s offset=%d bytes=%d: %s', node.name, offset, bytes, (err as Error).message);
-  }
-}
-
-function copyInto(iov: Buffer[], src: Buffer): void {
-  let pos = 0;
-  for (const b of iov) {
-    src.copy(b, 0, pos, pos + b.length);
-    pos += b.length;
   }
 }

@@ -36,3 +36,11 @@ export function isZero(buf: Buffer): boolean {
 export function iovIsZero(iov: readonly Buffer[]): boolean {
   return iov.every(isZero);
 }
+
+/** Fill the buffers of `iov` in turn from `src`, starting at `from` (a scatter copy). */
+export function iovCopyFrom(iov: readonly Buffer[], src: Buffer, from = 0): void {
+  for (const b of iov) {
+    src.copy(b, 0, from, from + b.length);
+    from += b.length;
+  }
+}

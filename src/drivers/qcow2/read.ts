@@ -6,7 +6,7 @@
 import { inflateRawSync, constants as zlibConstants } from 'node:zlib';
 import { Decompress } from 'fzstd';
 import * as io from '../../block/io.js';
-import { iovSlice } from '../../block/iov.js';
+import { iovCopyFrom, iovSlice } from '../../block/iov.js';
 import { VdiskError } from '../../errors.js';
 import { MAX_CLUSTER_BITS } from './header.js';
 import type { L2Entry } from './l2-entry.js';
@@ -96,12 +96,7 @@ async function readPiece(s: Qcow2State, p: Piece, guestOffset: number, dst: Buff
     case 'unallocated':
       return readBacking(s, guestOffset, p.bytes, dst);
     case 'compressed': {
-      const data = await decompress(s, p.entry);
-      let pos = guestOffset % s.clusterSize;
-      for (const b of dst) {
-        data.copy(b, 0, pos, pos + b.length);
-        pos += b.length;
-      }
+      iovCopyFrom(dst, await decompress(s, p.entry), guestOffset % s.clusterSize);
     }
   }
 }
