@@ -52,19 +52,36 @@ export interface ControlReply {
   pid?: number;
 }
 
-/** Send one request; the first answer line. An `error` answer is thrown with the mount's code. */
-export async function ask(sock: net.Socket, req: ControlRequest): Promise<ControlReply> {
-  sock.write(`${JSON.stringify(req)}\n`);
+/** The newline-delimited JSON messages a mount sends on its control socket, in order. */
+export async function* controlMessages<T>(sock: net.Socket): AsyncGenerator<T> {
   let buf = '';
   for await (const chunk of sock) {
     buf += (chunk as Buffer).toString();
-    if (buf.includes('\n')) break;
+    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+      yield JSON.parse(buf.slice(0, nl)) as T;
+      buf = buf.slice(nl + 1);
+    }
   }
-  sock.destroy();
-  const nl = buf.indexOf('\n');
-  if (nl < 0) throw new VdiskError('EIO', 'the mount closed its control socket without an answer');
-  const reply = JSON.parse(buf.slice(0, nl)) as ControlReply;
-  // Any code the mount reports (it may be a system one, not in our table) is passed on as it is.
-  if (reply.type === 'error') throw Object.assign(new Error(reply.message ?? 'error'), { code: reply.code ?? 'EIO' });
-  return reply;
+}
+
+/**
+ * A mount's `error` message as an error to throw. Any code the mount reports
+ * (it may be a system one, not in our table) is passed on as it is.
+ */
+export function mountError(msg: { code?: string; message?: string }): Error {
+  return Object.assign(new Error(msg.message ?? 'error'), { code: msg.code ?? 'EIO' });
+}
+
+/** Send one request; the first answer line. An `error` answer is thrown with the mount's code. */
+export async function ask(sock: net.Socket, req: ControlRequest): Promise<ControlReply> {
+  sock.write(`${JSON.stringify(req)}\n`);
+  try {
+    for await (const reply of controlMessages<ControlReply>(sock)) {
+      if (reply.type === 'error') throw mountError(reply);
+      return reply;
+    }
+  } finally {
+    sock.destroy();
+  }
+  throw new VdiskError('EIO', 'the mount closed its control socket without an answer');
 }

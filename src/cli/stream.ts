@@ -11,6 +11,7 @@ import { imageOpenOptions, withHttpOptions, type HttpArgs } from './http-options
 import { confineFromArgs, withConfineOptions, type ConfineArgs } from './confine-options.js';
 import { displayName } from '../drivers/http/url.js';
 import { JobProgressView, percentOf } from './job-output.js';
+import { controlMessages, mountError } from './control-client.js';
 import { OPTION_NUMBERS, coerceWith } from './numbers.js';
 import { formatSize } from './util.js';
 
@@ -65,27 +66,20 @@ async function viaMount(args: StreamArgs, imageRealPath: string, view: JobProgre
   process.once('SIGTERM', onSignal);
   try {
     sock.write(`${JSON.stringify({ op: 'stream', dropBacking: args['drop-backing'], rateLimit: args['rate-limit'] ?? 0 })}\n`);
-    let buf = '';
     let result: StreamResult | null = null;
     let error: { code: string; message: string } | null = null;
     let last: StreamProgress = { done: 0, total: 0, copied: 0 };
     try {
-      for await (const chunk of sock) {
-        buf += (chunk as Buffer).toString();
-        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-          const msg = JSON.parse(buf.slice(0, nl)) as { type: string } & StreamResult & { code: string; message: string };
-          buf = buf.slice(nl + 1);
-          if (msg.type === 'job') view.id = (msg as unknown as { id: string }).id;
-          else if (msg.type === 'progress') view.update(viewProgress((last = msg)));
-          else if (msg.type === 'done') result = msg;
-          else if (msg.type === 'error') error = msg;
-        }
+      for await (const msg of controlMessages<{ type: string } & StreamResult & { code: string; message: string }>(sock)) {
+        if (msg.type === 'job') view.id = (msg as unknown as { id: string }).id;
+        else if (msg.type === 'progress') view.update(viewProgress((last = msg)));
+        else if (msg.type === 'done') result = msg;
+        else if (msg.type === 'error') error = msg;
       }
     } catch (err) {
       if (!interrupted) throw err;
     }
-    // Any code the mount reports (it may be a system one, not in our table) is passed on as it is.
-    if (error) throw Object.assign(new Error(error.message), { code: error.code });
+    if (error) throw mountError(error);
     // The connection closed without an answer: we were interrupted.
     return result ? pick(result) : { ...pick(last), droppedBacking: false, interrupted: true };
   } finally {
